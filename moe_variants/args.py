@@ -1,0 +1,74 @@
+"""``ModelArgs``: the single source of Mixtral architecture hyperparameters (paper Table 1 names)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelArgs:
+    """Mixtral architecture. Defaults are Mixtral 8x7B (arXiv 2401.04088, Table 1, and its released config)."""
+
+    dim: int = 4096  # model width (HF hidden_size)
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8  # grouped-query attention: n_heads / n_kv_heads query heads share one K/V head
+    head_dim: int | None = None  # None -> dim // n_heads (Mixtral: 128)
+    hidden_dim: int = 14336  # SwiGLU hidden size of each expert (HF intermediate_size)
+    vocab_size: int = 32000
+    num_experts: int = 8
+    num_experts_per_tok: int = 2  # top-K
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None  # Mixtral attends densely over its whole context (paper §2)
+    max_seq_len: int = 32768  # positions the model is built for (HF max_position_embeddings)
+    init_std: float = 0.02  # normal init of linear and embedding weights (HF initializer_range)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.n_heads <= 0 or self.dim % self.n_heads:
+                raise ValueError(
+                    f"dim={self.dim} is not divisible by n_heads={self.n_heads}: set head_dim explicitly "
+                    f"or choose n_heads dividing dim"
+                )
+            self.head_dim = self.dim // self.n_heads
+        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
+                    "num_experts", "num_experts_per_tok", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
+                f"(grouped-query attention shares each K/V head among n_heads/n_kv_heads query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must satisfy 1 <= top_k <= "
+                f"num_experts={self.num_experts}"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("norm_eps and rope_theta must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        """Build from a mapping, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"_target_"})
+        if unknown:
+            raise ValueError(f"unknown ModelArgs field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- parameter counts -------------------------------------------------------------------------------
+    def expert_params(self) -> int:
+        """Parameters of one SwiGLU expert (w1, w2, w3)."""
+        return 3 * self.dim * self.hidden_dim

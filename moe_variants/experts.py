@@ -1,0 +1,116 @@
+"""Dropless SwiGLU experts and the token dispatcher that feeds them.
+
+The MoE feed-forward runs in three separable stages (so an expert-parallel all-to-all dispatcher can
+replace the local one):
+
+1. ``dispatch``: sort the N = T*K routed token copies by expert -> ``x_sorted`` (N, D) and
+   ``tokens_per_expert`` (E,);
+2. ``experts(x_sorted, tokens_per_expert)``: each expert's SwiGLU ``w2(silu(w1 x) * w3 x)`` on its
+   contiguous group of rows;
+3. ``combine``: undo the sort and sum the K outputs of each token weighted by the router's weights.
+
+Weights are stored fused and in the HF ``MixtralExperts`` layout so that both implementations share one
+state dict: ``w13`` (E, 2F, D) holds ``w1`` (gate) rows [:F] and ``w3`` (up) rows [F:], ``w2`` (E, D, F).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class Dispatched:
+    """Token copies sorted by expert, and what ``combine`` needs to undo the sort."""
+
+    x: torch.Tensor  # (N, D) token copies grouped by expert
+    tokens_per_expert: torch.Tensor  # (E,) int64 group sizes (on device; reading them syncs)
+    order: torch.Tensor  # (N,) position in the flat (T*K) assignment list of each sorted row
+
+
+class LocalDispatcher:
+    """Dispatch and combine on one device (no communication)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> Dispatched:
+        K = expert_ids_TK.shape[1]
+        flat_N = expert_ids_TK.reshape(-1)
+        order = flat_N.argsort(stable=True)  # stable: token order kept inside each expert's group
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat_N.device)
+        counts.scatter_add_(0, flat_N, torch.ones_like(flat_N))  # bincount would sync on CUDA
+        return Dispatched(x=x_TD[order // K], tokens_per_expert=counts, order=order)
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        T, K = weights_TK.shape
+        y_unsorted = torch.empty_like(y_ND)
+        y_unsorted[d.order] = y_ND
+        y_TKD = y_unsorted.view(T, K, -1)
+        # (T, 1, K) @ (T, K, D): a deterministic weighted sum (no atomics, unlike index_add_)
+        return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with fused weights; subclasses choose how the grouped matmuls run."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # (E, 2F, D)
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # (E, D, F)
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=std)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoopExperts(Experts):
+    """Reference: a plain loop over experts (clear, CPU friendly; syncs to read the group sizes)."""
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        F_ = self.hidden_dim
+        outputs = []
+        for e, rows in enumerate(x_ND.split(tokens_per_expert.tolist())):
+            h = rows @ self.w13[e].t()  # (n_e, 2F)
+            outputs.append((F.silu(h[:, :F_]) * h[:, F_:]) @ self.w2[e].t())  # (n_e, D)
+        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, self.dim)
+
+
+class GroupedExperts(Experts):
+    """Fast path: two grouped GEMMs over all experts at once (``torch.nn.functional.grouped_mm``), no host sync."""
+
+    def __init__(self, **kw: int) -> None:
+        super().__init__(**kw)
+        if _grouped_mm is None:
+            raise RuntimeError(
+                f"torch {torch.__version__} has no grouped_mm (needs torch >= 2.8): use experts=loop"
+            )
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        F_ = self.hidden_dim
+        offs = tokens_per_expert.cumsum(0).to(torch.int32)  # group ends, stays on device
+        w13, w2 = self.w13, self.w2
+        if x_ND.dtype != w13.dtype:  # autocast does not cover grouped_mm
+            w13, w2 = w13.to(x_ND.dtype), w2.to(x_ND.dtype)
+        h = _grouped_mm(x_ND, w13.transpose(-2, -1), offs=offs)  # (N, 2F)
+        a = F.silu(h[:, :F_]) * h[:, F_:]
+        return _grouped_mm(a, w2.transpose(-2, -1), offs=offs)  # (N, D)
+
+
+EXPERTS: dict[str, type[Experts]] = {"loop": LoopExperts, "grouped": GroupedExperts}
+
+
+def make_experts(impl: str, **kw: int) -> Experts:
+    """Build experts by implementation name (``loop`` or ``grouped``)."""
+    if impl not in EXPERTS:
+        raise ValueError(f"unknown experts implementation {impl!r}; choices: {sorted(EXPERTS)}")
+    return EXPERTS[impl](**kw)

@@ -1,0 +1,338 @@
+"""The full Mixtral model (arXiv 2401.04088) with a pluggable router in every MoE feed-forward layer.
+
+token embedding -> n_layers x [RMSNorm -> causal GQA attention with RoPE (optional sliding window) -> residual;
+RMSNorm -> MoE(router, E SwiGLU experts) -> residual] -> RMSNorm -> untied LM head.
+
+Names follow the Mixtral reference (``wq/wk/wv/wo``, ``attention_norm``, ``ffn_norm``, ``feed_forward``);
+RoPE uses the HF "rotate half" layout so that HF checkpoints load without permuting weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_variants.args import ModelArgs
+from moe_variants.experts import Experts, LocalDispatcher, make_experts
+from moe_variants.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext, refuse_lookahead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # normalise in fp32, as Mixtral/HF do
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin of shape (S, head_dim) for absolute ``positions`` (S,)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, S, hd); rotate pairs (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class LayerCache:
+    """One attention layer's K/V for incremental decoding; only the last ``window`` keys when windowed."""
+
+    k: torch.Tensor | None = None  # (B, H_kv, S_k, hd)
+    v: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # (S_k,)
+
+
+@dataclass
+class KVCache:
+    """Decoding state of the whole model: attention K/V, token history and per-layer router state."""
+
+    layers: list[LayerCache]
+    router_state: list[dict[str, Any]]
+    history_ids: torch.Tensor | None = None  # (B, S_hist) every token fed so far
+    next_pos: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, hd)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_pos = positions
+        if cache is not None and cache.k is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            key_pos = torch.cat([cache.positions, positions])
+        if cache is not None:  # keep what later queries can still attend to (rolling when windowed)
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window)
+            cache.k, cache.v, cache.positions = k[:, :, -keep:], v[:, :, -keep:], key_pos[-keep:]
+        if self.window is None and k.shape[2] == S:  # plain causal self-attention: fused kernels
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            delta = positions[:, None] - key_pos[None, :]  # (S, S_k) query pos - key pos
+            mask = delta >= 0
+            if self.window is not None:
+                mask &= delta < self.window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MoE(nn.Module):
+    """Route, dispatch, run experts, combine. The router is injected; this layer never knows which one."""
+
+    def __init__(self, args: ModelArgs, router: Router, experts: str) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = make_experts(experts, dim=args.dim, hidden_dim=args.hidden_dim, num_experts=args.num_experts)
+        self.dispatcher = LocalDispatcher(args.num_experts)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, RouterOutput]:
+        B, S, D = x.shape
+        routing = self.router(x, ctx)
+        K = routing.expert_ids.shape[-1]
+        d = self.dispatcher.dispatch(x.reshape(B * S, D), routing.expert_ids.reshape(B * S, K))
+        y = self.experts(d.x, d.tokens_per_expert)
+        out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
+        return out.view(B, S, D), routing
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, router: Router, experts: str) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoE(args, router, experts)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+        ctx: RoutingContext, cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, cache)
+        ffn, routing = self.feed_forward(self.ffn_norm(h), ctx)
+        return h + ffn, routing
+
+
+@dataclass
+class ModelOutput:
+    """Everything a forward returns: loss, logging and analysis all read this one object."""
+
+    logits: torch.Tensor | None  # (B, S, V); None when only the loss was asked for
+    routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer
+    lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+def default_router(spec: LayerSpec) -> Router:
+    from moe_variants.routers.topk import TopKRouter
+
+    return TopKRouter(spec)
+
+
+class Transformer(nn.Module):
+    """Mixtral language model with one router per MoE layer.
+
+    Args:
+        args: architecture.
+        router: a router factory called once per layer with its ``LayerSpec`` (default: Mixtral top-k).
+        experts: ``"loop"`` (reference) or ``"grouped"`` (grouped GEMMs).
+        word_start_table: (V,) bool table from the tokenizer, for routers that need word spans.
+        resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
+        allow_lookahead: allow routers that read future tokens (non-causal; such a model says so).
+        loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
+            never sit in memory at once (each chunk's logits are recomputed in backward).
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        router: RouterFactory | None = None,
+        experts: str = "loop",
+        word_start_table: torch.Tensor | None = None,
+        resources: Any = None,
+        allow_lookahead: bool = False,
+        loss_chunk_tokens: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.loss_chunk_tokens = loss_chunk_tokens
+        router = router or default_router
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList()
+        for i in range(args.n_layers):
+            spec = LayerSpec(
+                dim=args.dim, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
+                vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i, resources=resources,
+            )
+            layer_router = router(spec)
+            refuse_lookahead(layer_router, allow_lookahead)
+            self.layers.append(TransformerBlock(args, layer_router, experts))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if word_start_table is not None:
+            if word_start_table.shape != (args.vocab_size,):
+                raise ValueError(
+                    f"word_start_table has shape {tuple(word_start_table.shape)} but the model's vocabulary has "
+                    f"{args.vocab_size} entries: the tokenizer does not match model.vocab_size"
+                )
+            self.register_buffer("word_start_table", word_start_table.bool().clone())
+        else:
+            self.word_start_table = None
+        self.reset_parameters()
+
+    @property
+    def routers(self) -> list[Router]:
+        return [layer.feed_forward.router for layer in self.layers]
+
+    @property
+    def causal(self) -> bool:
+        return all(r.causal for r in self.routers)
+
+    def reset_parameters(self) -> None:
+        std = self.args.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _check_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.args.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.args.vocab_size}); got range [{int(input_ids.min())}, "
+                f"{int(input_ids.max())}]: the tokenizer does not match model.vocab_size"
+            )
+        if positions.numel() and int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's max_seq_len={self.args.max_seq_len}: "
+                f"shorten the sequence or raise model.max_seq_len"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        span_start: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool | None = None,
+    ) -> ModelOutput:
+        """Args: input_ids (B, S) int64; labels (B, S) next-token targets (-100 = ignore); span_start (B, S)
+        bool word-start flags from the data side (computed from ``word_start_table`` when None); cache for
+        incremental decoding. Logits are returned unless only the loss was asked for (labels given and
+        ``return_logits`` not True)."""
+        B, S = input_ids.shape
+        start = cache.next_pos if cache is not None else 0
+        positions = torch.arange(start, start + S, device=input_ids.device)
+        self._check_input(input_ids, positions)
+        history = input_ids
+        if cache is not None:
+            history = input_ids if cache.history_ids is None else torch.cat([cache.history_ids, input_ids], 1)
+            cache.history_ids, cache.next_pos = history, start + S
+        ctx = RoutingContext(
+            history_ids=history, positions=positions.expand(B, S), span_start=span_start,
+            word_start_table=self.word_start_table, router_state=cache.router_state if cache else None,
+        )
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
+        routing = []
+        for i, layer in enumerate(self.layers):
+            h, r = layer(h, cos, sin, positions, ctx, cache.layers[i] if cache else None)
+            routing.append(r)
+        h = self.norm(h)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.output(h) if return_logits else None
+        lm_loss = None if labels is None else self.lm_loss(h, labels, logits)
+        return ModelOutput(logits=logits, routing=routing, lm_loss=lm_loss)
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy in fp32; chunked over tokens (logits recomputed in backward) unless given."""
+        labels = labels.reshape(-1)
+        n_valid = (labels != -100).sum().clamp(min=1)
+        if logits is not None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="sum") / n_valid
+        h = h.reshape(-1, h.shape[-1])
+        total = h.new_zeros((), dtype=torch.float32)
+        for h_c, y_c in zip(h.split(self.loss_chunk_tokens), labels.split(self.loss_chunk_tokens)):
+            total = total + checkpoint(self._chunk_ce, h_c, y_c, use_reentrant=False)
+        return total / n_valid
+
+    def _chunk_ce(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.output(h).float(), y, reduction="sum")
+
+    # -- generation --------------------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache(layers=[LayerCache() for _ in self.layers], router_state=[{} for _ in self.layers])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode with a KV cache. Returns (tokens (B, S + new), logits of every fed position (B, S + new - 1, V)).
+
+        ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature), optionally top-k.
+        """
+        cache = self.new_cache()
+        tokens, all_logits = prompt_ids, []
+        feed = prompt_ids
+        for _ in range(max_new_tokens):
+            logits = self(feed, cache=cache).logits  # (B, s, V)
+            all_logits.append(logits)
+            last = logits[:, -1].float()
+            if temperature == 0.0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(top_k, dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            feed = nxt
+        return tokens, torch.cat(all_logits, dim=1)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and active ones per token (only top-K of the E experts run)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(layer.feed_forward.experts.w13.numel() + layer.feed_forward.experts.w2.numel()
+                     for layer in self.layers)
+        active = total - expert + expert * self.args.num_experts_per_tok // self.args.num_experts
+        return {"total": total, "active": active}
