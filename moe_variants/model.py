@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_variants.args import ModelArgs
 from moe_variants.experts import Experts, LocalDispatcher, make_experts
-from moe_variants.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext, refuse_lookahead
+from moe_variants.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
 
 
 class RMSNorm(nn.Module):
@@ -164,7 +164,6 @@ class Transformer(nn.Module):
         experts: ``"loop"`` (reference) or ``"grouped"`` (grouped GEMMs).
         word_start_table: (V,) bool table from the tokenizer, for routers that need word spans.
         resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
-        allow_lookahead: allow routers that read future tokens (non-causal; such a model says so).
         loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
             never sit in memory at once (each chunk's logits are recomputed in backward).
     """
@@ -176,7 +175,6 @@ class Transformer(nn.Module):
         experts: str = "loop",
         word_start_table: torch.Tensor | None = None,
         resources: Any = None,
-        allow_lookahead: bool = False,
         loss_chunk_tokens: int = 8192,
     ) -> None:
         super().__init__()
@@ -190,9 +188,7 @@ class Transformer(nn.Module):
                 dim=args.dim, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
                 vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i, resources=resources,
             )
-            layer_router = router(spec)
-            refuse_lookahead(layer_router, allow_lookahead)
-            self.layers.append(TransformerBlock(args, layer_router, experts))
+            self.layers.append(TransformerBlock(args, router(spec), experts))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if word_start_table is not None:
@@ -212,6 +208,7 @@ class Transformer(nn.Module):
 
     @property
     def causal(self) -> bool:
+        """False when any router looks ahead (such a run must be labelled non-causal)."""
         return all(r.causal for r in self.routers)
 
     def reset_parameters(self) -> None:

@@ -171,16 +171,17 @@ class Router(nn.Module):
         """A short label for logs, e.g. ``topk(k=2)``."""
         return f"{type(self).__name__}(k={self.top_k})"
 
+    def refuse_lookahead(self, allow_lookahead: bool) -> None:
+        """Call at the end of ``__init__``: a non-causal variant builds only when look-ahead is allowed."""
+        if not self.causal and not allow_lookahead:
+            raise ValueError(
+                f"router {self.describe()} looks ahead: its decision at position t reads tokens after t, so a "
+                f"causal LM trained with it cheats. Set router.allow_lookahead=true to build it anyway; the run "
+                f"is then labelled non-causal."
+            )
+
 
 RouterFactory = Callable[[LayerSpec], Router]
 """Builds one layer's router from its ``LayerSpec`` (a Hydra ``_partial_`` router config is one)."""
 
 
-def refuse_lookahead(router: Router, allow_lookahead: bool) -> None:
-    """Refuse to build a non-causal router unless the run explicitly allows look-ahead."""
-    if not router.causal and not allow_lookahead:
-        raise ValueError(
-            f"{type(router).__name__} ({router.describe()}) looks ahead: its decision at position t reads tokens "
-            f"after t, so a causal LM trained with it cheats. Set router.allow_lookahead=true to build it anyway; "
-            f"the run is then labelled non-causal."
-        )
