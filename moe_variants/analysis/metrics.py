@@ -228,7 +228,7 @@ def load_balance_stats(load: torch.Tensor) -> dict[str, float]:
     mean = x.mean()
     return {
         "max_over_mean": float(x.max() / mean),
-        "cv": float(x.std(unbiased=False) / mean),
+        "cv": float(x.std(correction=0) / mean),
         "min": float(x.min()),
         "max": float(x.max()),
     }
