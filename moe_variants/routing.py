@@ -80,14 +80,19 @@ class RoutingContext:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def _history_span_start(self) -> torch.Tensor:
-        """(B, S_hist) word-start flags over the whole history."""
+    def history_span_start(self, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
+        """(B, S_hist) span-start flags over the whole history."""
 
         def compute() -> torch.Tensor:
+            if span.kind == "fixed":
+                pos = torch.arange(self.history_ids.shape[1], device=self.history_ids.device)
+                return spans.fixed_starts(pos, span.span_len).expand_as(self.history_ids)
             if self.word_start_table is None:
+                if self._span_start is not None and self.history_ids.shape[1] == self.seq_len:
+                    return self._span_start
                 raise ValueError(
                     "word spans need the tokenizer's word-start table: build the model with "
-                    "word_start_table=spans.word_start_table(tokenizer) or pass span_start"
+                    "word_start_table=<tokenizer's table> or pass span_start"
                 )
             flags = spans.word_starts(self.history_ids, self.word_start_table)
             if self._span_start is not None:  # the data side's flags win for the current chunk
@@ -95,28 +100,30 @@ class RoutingContext:
                 flags[:, -self.seq_len :] = self._span_start
             return flags
 
-        return self.memo("history_span_start", compute)
+        return self.memo(("span_start", span), compute)
+
+    def span_starts(self, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
+        """(B, S) bool: True where a new span starts (current chunk)."""
+        return self.history_span_start(span)[:, -self.seq_len :]
 
     @property
     def span_start(self) -> torch.Tensor:
-        """(B, S) bool: True where a new word span starts (current chunk)."""
-        if self._span_start is not None:
-            return self._span_start
-        return self._history_span_start()[:, -self.seq_len :]
+        """(B, S) bool word-start flags of the current chunk."""
+        return self.span_starts()
 
-    def span_prefix_hash(self, max_len: int) -> torch.Tensor:
-        """(B, S) int64 hash of the word-span prefix ending at each token (causal)."""
+    def span_prefix_hash(self, max_len: int, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
+        """(B, S) int64 hash of the span prefix ending at each token (causal)."""
         full = self.memo(
-            ("prefix_hash", max_len),
-            lambda: spans.prefix_hash(self.history_ids, self._history_span_start(), max_len),
+            ("prefix_hash", max_len, span),
+            lambda: spans.prefix_hash(self.history_ids, self.history_span_start(span), max_len),
         )
         return full[:, -self.seq_len :]
 
-    def span_full_hash(self, max_len: int) -> torch.Tensor:
-        """(B, S) int64 hash of the *whole* word span containing each token. LOOKS AHEAD: not causal."""
+    def span_full_hash(self, max_len: int, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
+        """(B, S) int64 hash of the *whole* span containing each token. LOOKS AHEAD: not causal."""
         full = self.memo(
-            ("full_hash", max_len),
-            lambda: spans.full_span_hash(self.history_ids, self._history_span_start(), max_len),
+            ("full_hash", max_len, span),
+            lambda: spans.full_span_hash(self.history_ids, self.history_span_start(span), max_len),
         )
         return full[:, -self.seq_len :]
 

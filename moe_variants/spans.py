@@ -12,12 +12,27 @@ and ``▁hello|,`` two. A *fixed span* starts every n positions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 WORD_MARKERS = ("\u2581", "\u0120")  # SentencePiece "▁", byte-level BPE "Ġ"
 _HASH_MOD = (1 << 31) - 1  # Mersenne prime: products with the base stay inside int64
 _HASH_BASE = 1_000_003
+
+
+@dataclass(frozen=True)
+class SpanDef:
+    """Which spans a router uses: ``word`` (tokenizer word starts) or ``fixed`` (every ``span_len`` tokens)."""
+
+    kind: str = "word"
+    span_len: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("word", "fixed"):
+            raise ValueError(f"unknown span kind {self.kind!r}; choices: ['fixed', 'word']")
+        if self.span_len < 1:
+            raise ValueError(f"span_len must be >= 1, got {self.span_len}")
 
 
 def piece_starts_word(piece: str, special: bool = False) -> bool:

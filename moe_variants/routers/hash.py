@@ -1,0 +1,107 @@
+"""Token-id hash routing (Hash Layers, Roller et al. 2021, arXiv 2106.04426).
+
+A fixed table maps a key to K distinct experts, different in every layer and saved in checkpoints as a
+buffer. Keys (``table``):
+
+- ``random``: the current token id, experts drawn at random (seeded);
+- ``balanced``: the current token id, ids assigned greedily in order of corpus frequency to the least
+  loaded experts, so every expert receives about the same token mass on the training data;
+- ``prev_token``: the previous token id (the paper's context variant; the first position uses a "none" id);
+- ``bigram``: a hash of (previous, current) ids into ``num_buckets`` buckets.
+
+Combine weights: ``uniform`` (1/K each) or ``learned`` (a learned gate scores only the hashed experts,
+softmax over those K, fp32).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+from torch import nn
+
+from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
+
+TABLES = ("random", "balanced", "prev_token", "bigram")
+WEIGHTS = ("uniform", "learned")
+
+
+def random_expert_table(num_keys: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """(num_keys, K) int64: K distinct experts per key, uniformly at random."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_keys, num_experts, generator=g).argsort(dim=1)[:, :top_k].contiguous()
+
+
+def balanced_expert_table(counts: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """(V, K) int64: greedy longest-processing-time assignment of ids (most frequent first) to the K least
+    loaded distinct experts; expert labels are permuted by ``seed`` so layers differ."""
+    g = torch.Generator().manual_seed(seed)
+    relabel = torch.randperm(num_experts, generator=g).tolist()
+    order = sorted(range(counts.numel()), key=lambda i: (-float(counts[i]), i))
+    heap = [(0.0, e) for e in range(num_experts)]  # (load, expert)
+    table = torch.empty(counts.numel(), top_k, dtype=torch.int64)
+    for token in order:
+        chosen = [heapq.heappop(heap) for _ in range(top_k)]
+        table[token] = torch.tensor([relabel[e] for _, e in chosen])
+        for load, e in chosen:
+            heapq.heappush(heap, (load + float(counts[token]), e))
+    return table
+
+
+def hashed_weights(
+    gate: nn.Linear | None, x: torch.Tensor, expert_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Combine weights for fixed expert choices: uniform, or softmax of a learned gate over the chosen K."""
+    if gate is None:
+        return torch.full(expert_ids.shape, 1.0 / expert_ids.shape[-1], device=x.device), None
+    logits = gate(x).float()  # (B, S, E)
+    return torch.softmax(logits.gather(-1, expert_ids), dim=-1), logits
+
+
+class HashRouter(Router):
+    """Routes each token by a fixed table keyed on token ids (see module docstring)."""
+
+    def __init__(
+        self, spec: LayerSpec, *, table: str = "random", weights: str = "uniform", seed: int = 0,
+        num_buckets: int = 65536,
+    ) -> None:
+        super().__init__(spec)
+        if table not in TABLES:
+            raise ValueError(f"unknown hash table {table!r}; choices: {list(TABLES)}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown hash weights {weights!r}; choices: {list(WEIGHTS)}")
+        self.table_kind, self.weights_kind, self.num_buckets = table, weights, num_buckets
+        E, K, V = spec.num_experts, spec.top_k, spec.vocab_size
+        layer_seed = seed * 100_003 + spec.layer_idx  # a different table in every layer
+        num_keys = {"random": V, "balanced": V, "prev_token": V + 1, "bigram": num_buckets}[table]
+        if table == "balanced":
+            if spec.resources is None:  # being rebuilt from a checkpoint: the table comes from its state dict
+                expert_table = torch.zeros(V, K, dtype=torch.int64)
+            else:
+                expert_table = balanced_expert_table(spec.resources.token_counts(), E, K, layer_seed)
+        else:
+            expert_table = random_expert_table(num_keys, E, K, layer_seed)
+        self.register_buffer("expert_table", expert_table)  # (num_keys, K), saved in checkpoints
+        self.gate = nn.Linear(spec.dim, E, bias=False) if weights == "learned" else None
+
+    def keys(self, ctx: RoutingContext) -> torch.Tensor:
+        """(B, S) int64 table rows for the current chunk (reads tokens <= t only)."""
+        cur = ctx.token_ids
+        if self.table_kind in ("random", "balanced"):
+            return cur
+        hist = ctx.history_ids
+        prev = torch.full_like(cur, self.spec.vocab_size)  # "none" before the first token
+        n_prev = min(hist.shape[1] - 1, cur.shape[1])
+        if n_prev > 0:
+            prev[:, cur.shape[1] - n_prev :] = hist[:, -n_prev - 1 : -1]
+        if self.table_kind == "prev_token":
+            return prev
+        return (prev * 1_000_003 + cur) % self.num_buckets
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        expert_ids = self.expert_table[self.keys(ctx)]  # (B, S, K)
+        weights, logits = hashed_weights(self.gate, x, expert_ids)
+        return RouterOutput(expert_ids=expert_ids, weights=weights, logits=logits)
+
+    def describe(self) -> str:
+        return f"hash(table={self.table_kind}, weights={self.weights_kind}, k={self.top_k})"

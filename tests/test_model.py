@@ -1,0 +1,226 @@
+"""Core model: shapes, causality, equivalences (1 expert = dense SwiGLU; loop = grouped experts),
+balance-loss normalisation, parameter counts, cached generation, and clear errors for bad sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_variants import ModelArgs, Transformer
+from moe_variants.experts import GroupedExperts, LocalDispatcher, LoopExperts
+from moe_variants.losses import compose_loss, load_balance_loss
+from moe_variants.model import RMSNorm
+
+
+def tiny(**kw) -> ModelArgs:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=500, num_experts=4,
+                num_experts_per_tok=2, max_seq_len=128)
+    return ModelArgs(**{**base, **kw})
+
+
+def test_forward_shapes_and_routing_output():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    out = model(torch.randint(0, 500, (3, 17)))
+    assert out.logits.shape == (3, 17, 500)
+    assert len(out.routing) == 2
+    for r in out.routing:
+        assert r.expert_ids.shape == (3, 17, 2) and r.weights.shape == (3, 17, 2)
+        assert r.logits.shape == (3, 17, 4)
+        assert set(r.aux_losses) == {"load_balance", "z_loss"}
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_causal_logits_and_routing(window):
+    torch.manual_seed(0)
+    model = Transformer(tiny(sliding_window=window)).eval()
+    ids = torch.randint(0, 500, (2, 24))
+    base = model(ids)
+    for t in (0, 7, 22):
+        changed = ids.clone()
+        changed[:, t + 1 :] = torch.randint(0, 500, (2, 24 - t - 1))
+        out = model(changed)
+        torch.testing.assert_close(out.logits[:, : t + 1], base.logits[:, : t + 1])
+        for r0, r1 in zip(base.routing, out.routing):
+            assert torch.equal(r0.expert_ids[:, : t + 1], r1.expert_ids[:, : t + 1])
+
+
+def test_sliding_window_limits_attention():
+    torch.manual_seed(0)
+    model = Transformer(tiny(sliding_window=4, n_layers=1)).eval()
+    ids = torch.randint(0, 500, (1, 20))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 500  # outside the window of position 19 (sees 16..19)
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[0, 19], b[0, 19])
+    assert not torch.allclose(a[0, 4], b[0, 4])
+
+
+def test_one_expert_moe_equals_dense_swiglu():
+    torch.manual_seed(0)
+    args = tiny(num_experts=1, num_experts_per_tok=1, n_layers=1)
+    model = Transformer(args).eval()
+    moe = model.layers[0].feed_forward
+    x = torch.randn(2, 9, args.dim)
+    from moe_variants.routing import RoutingContext
+
+    ctx = RoutingContext(history_ids=torch.zeros(2, 9, dtype=torch.long), positions=torch.arange(9).expand(2, 9))
+    y, routing = moe(x, ctx)
+    w13, w2 = moe.experts.w13[0], moe.experts.w2[0]
+    w1, w3 = w13[: args.hidden_dim], w13[args.hidden_dim :]
+    dense = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    torch.testing.assert_close(y, dense)
+    assert torch.all(routing.weights == 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loop_and_grouped_experts_agree_fp32(seed):
+    torch.manual_seed(seed)
+    E, D, Fh, T, K = 6, 32, 48, 50, 2
+    loop = LoopExperts(dim=D, hidden_dim=Fh, num_experts=E)
+    loop.reset_parameters(0.1)
+    grouped = GroupedExperts(dim=D, hidden_dim=Fh, num_experts=E)
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(T, D, requires_grad=True)
+    ids = torch.rand(T, E).argsort(-1)[:, :K]
+    ids[ids == 5] = 4  # expert 5 gets no tokens: empty groups must work
+    ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 5, ids[:, 1])
+    w = torch.softmax(torch.randn(T, K), -1)
+    disp = LocalDispatcher(E)
+    outs = []
+    for experts in (loop, grouped):
+        d = disp.dispatch(x, ids)
+        y = disp.combine(experts(d.x, d.tokens_per_expert), w, d)
+        g = torch.autograd.grad((y * torch.randn_like(y, generator=torch.Generator().manual_seed(3))).sum(),
+                                [x, experts.w13, experts.w2])
+        outs.append((y, *g))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_loop_and_grouped_experts_agree_bf16_cuda():
+    torch.manual_seed(0)
+    E, D, Fh, T, K = 8, 256, 512, 4096, 2
+    loop = LoopExperts(dim=D, hidden_dim=Fh, num_experts=E).cuda()
+    loop.reset_parameters(0.02)
+    grouped = GroupedExperts(dim=D, hidden_dim=Fh, num_experts=E).cuda()
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K]
+    w = torch.softmax(torch.randn(T, K, device="cuda"), -1)
+    disp = LocalDispatcher(E)
+    d = disp.dispatch(x, ids)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_loop = disp.combine(loop(d.x, d.tokens_per_expert), w, d)
+    y_grouped = disp.combine(grouped(d.x, d.tokens_per_expert), w, d)
+    rel = (y_loop.float() - y_grouped.float()).norm() / y_loop.float().norm()
+    assert rel < 1e-2
+
+
+def test_balance_loss_is_one_when_perfectly_balanced_for_any_k():
+    E = 8
+    for K in (1, 2, 4):
+        T = E * 10
+        ids = torch.stack([(torch.arange(T) + j) % E for j in range(K)], dim=1)  # every expert T*K/E times
+        probs = torch.full((T, E), 1.0 / E)
+        assert load_balance_loss(probs, ids).item() == pytest.approx(1.0)
+    # all tokens on one expert with all probability there: the worst case, E
+    ids = torch.zeros(16, 1, dtype=torch.long)
+    probs = F.one_hot(ids[:, 0], E).float()
+    assert load_balance_loss(probs, ids).item() == pytest.approx(E)
+
+
+def test_compose_loss_applies_coefficients_and_rejects_unknown_losses():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    ids = torch.randint(0, 500, (2, 10))
+    out = model(ids, labels=ids)
+    total, parts = compose_loss(out.lm_loss, out.routing, {"load_balance": 0.5, "z_loss": 0.0})
+    lb = torch.stack([r.aux_losses["load_balance"] for r in out.routing]).mean()
+    torch.testing.assert_close(total, out.lm_loss + 0.5 * lb)
+    assert set(parts) == {"lm_loss", "load_balance", "z_loss"}
+    with pytest.raises(ValueError, match="no coefficient"):
+        compose_loss(out.lm_loss, out.routing, {"load_balance": 0.01})
+
+
+def test_chunked_loss_equals_full_cross_entropy_and_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny(), loss_chunk_tokens=7)
+    ids = torch.randint(0, 500, (2, 13))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    out = model(ids, labels=labels)
+    assert out.logits is None
+    logits = model(ids).logits
+    ref = F.cross_entropy(logits.reshape(-1, 500), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, ref)
+    g1 = torch.autograd.grad(out.lm_loss, model.output.weight)[0]
+    g2 = torch.autograd.grad(ref, model.output.weight)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_mixtral_8x7b_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs())  # defaults are Mixtral 8x7B (Table 1)
+    counts = model.num_params()
+    assert round(counts["total"] / 1e9, 1) == 46.7
+    assert round(counts["active"] / 1e9, 1) == 12.9
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cached_generation_equals_uncached(window):
+    torch.manual_seed(0)
+    model = Transformer(tiny(sliding_window=window)).eval()
+    prompt = torch.randint(0, 500, (2, 9))
+    tokens, cached_logits = model.generate(prompt, max_new_tokens=8)
+    assert tokens.shape == (2, 17)
+    full = model(tokens).logits[:, :-1]
+    torch.testing.assert_close(cached_logits, full, atol=1e-5, rtol=1e-4)
+    assert torch.equal(tokens[:, 9:], full[:, 8:].argmax(-1))
+
+
+def test_rolling_cache_keeps_only_the_window():
+    model = Transformer(tiny(sliding_window=4)).eval()
+    cache = model.new_cache()
+    model(torch.randint(0, 500, (1, 10)), cache=cache)
+    assert cache.layers[0].k.shape[2] == 4
+    assert cache.layers[0].positions.tolist() == [6, 7, 8, 9]
+
+
+def test_rmsnorm_matches_definition():
+    norm = RMSNorm(8, 1e-5)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(norm(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(n_heads=6, n_kv_heads=4, head_dim=16), "divisible by n_kv_heads"),
+        (dict(num_experts=4, num_experts_per_tok=5), "1 <= top_k <= num_experts"),
+        (dict(num_experts_per_tok=0), "positive integer"),
+        (dict(dim=60, n_heads=8), "not divisible by n_heads"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(head_dim=15), "even"),
+    ],
+)
+def test_bad_sizes_fail_with_clear_messages(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
+
+
+def test_unknown_model_args_field_is_named():
+    with pytest.raises(ValueError, match="unknown ModelArgs field.*n_layer"):
+        ModelArgs.from_dict({"n_layer": 2})
+
+
+def test_out_of_vocab_and_too_long_inputs_fail_clearly():
+    model = Transformer(tiny())
+    with pytest.raises(ValueError, match="tokenizer does not match model.vocab_size"):
+        model(torch.tensor([[1, 2, 500]]))
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match="word_start_table"):
+        Transformer(tiny(), word_start_table=torch.ones(10, dtype=torch.bool))
