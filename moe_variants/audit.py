@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="audit", overrides=overrides)
     router = instantiate(cfg.router)
     result = audit_router(router, ModelArgs(**AUDIT_ARGS))
     label = " ".join(overrides) or "router=<default>"

@@ -1,0 +1,273 @@
+"""Router contract, look-ahead audit and router-specific behaviour, looped over every router config.
+
+Every ``conf/router/*.yaml`` (and the variants below) is built through Hydra's ``instantiate``, so a new
+router file + config is covered by the contract and audit tests with no new test code.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from moe_variants import ModelArgs, Transformer
+from moe_variants.audit import AUDIT_ARGS, audit_router, synthetic_resources
+from moe_variants.routers.hash import HashRouter, balanced_expert_table
+from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers.span import SpanRouter
+from moe_variants.routers.topk import TopKRouter
+from moe_variants.routing import LayerSpec, RoutingContext
+from moe_variants.spans import start_index
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "router"
+ROUTER_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
+VARIANTS = {
+    "hash-balanced": ("hash", {"table": "balanced"}),
+    "hash-prev_token": ("hash", {"table": "prev_token"}),
+    "hash-bigram-learned": ("hash", {"table": "bigram", "weights": "learned"}),
+    "span-fixed": ("span", {"spans": "fixed", "span_len": 3}),
+    "span-routing_vocab": ("span", {"decision": "routing_vocab"}),
+    "span-routing_vocab-fallback": ("span", {"decision": "routing_vocab", "learned_top": 8, "weights": "learned"}),
+    "span-fixed-routing_vocab": ("span", {"decision": "routing_vocab", "spans": "fixed", "span_len": 2}),
+}
+CAUSAL = [(name, {}) for name in ROUTER_CONFIGS] + list(VARIANTS.values())
+IDS = ROUTER_CONFIGS + list(VARIANTS)
+
+
+def router_factory(name: str, overrides: dict):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    return instantiate(OmegaConf.merge(cfg, overrides))
+
+
+def build(name: str, overrides: dict, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**AUDIT_ARGS, **kw})
+    table, resources = synthetic_resources(args.vocab_size)
+    return Transformer(args, router=router_factory(name, overrides), word_start_table=table, resources=resources)
+
+
+def test_every_router_config_is_covered():
+    assert {"topk", "hash", "span"} <= set(ROUTER_CONFIGS)
+
+
+@pytest.mark.parametrize("name, overrides", CAUSAL, ids=IDS)
+def test_router_contract(name, overrides):
+    model = build(name, overrides)
+    ids = torch.randint(0, AUDIT_ARGS["vocab_size"], (3, 21))
+    out = model(ids, labels=ids)
+    out.lm_loss.backward()
+    E, K = AUDIT_ARGS["num_experts"], AUDIT_ARGS["num_experts_per_tok"]
+    for r in out.routing:
+        assert r.expert_ids.shape == (3, 21, K) and r.expert_ids.dtype == torch.int64
+        assert r.weights.shape == (3, 21, K) and r.weights.dtype == torch.float32
+        assert 0 <= r.expert_ids.min() and r.expert_ids.max() < E
+        assert (r.expert_ids[..., 0] != r.expert_ids[..., 1]).all(), "the K experts of a token must be distinct"
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(3, 21))
+        assert r.logits is None or r.logits.shape == (3, 21, E)
+        assert all(v.dim() == 0 for v in r.aux_losses.values())
+    assert model.causal
+
+
+@pytest.mark.parametrize("name, overrides", CAUSAL, ids=IDS)
+def test_lookahead_audit_passes_for_causal_routers(name, overrides):
+    result = audit_router(router_factory(name, overrides), ModelArgs(**AUDIT_ARGS))
+    assert result.passed, result.violations[:3]
+
+
+def test_lookahead_audit_fails_for_whole_word():
+    factory = router_factory("span", {"decision": "whole_word", "allow_lookahead": True})
+    result = audit_router(factory, ModelArgs(**AUDIT_ARGS))
+    assert not result.passed  # proves the audit can fail
+    model = build("span", {"decision": "whole_word", "allow_lookahead": True})
+    assert not model.causal
+
+
+def test_whole_word_refuses_to_build_without_flag():
+    with pytest.raises(ValueError, match="allow_lookahead=true"):
+        build("span", {"decision": "whole_word"})
+
+
+def test_audit_command(capsys):
+    from moe_variants.audit import main
+
+    assert main(["router=hash", "router.table=bigram"]) == 0
+    assert main(["router=span", "router.decision=whole_word", "router.allow_lookahead=true"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(table="nope"), "unknown hash table"),
+        (dict(weights="nope"), "unknown hash weights"),
+    ],
+)
+def test_bad_hash_configs(kw, message):
+    with pytest.raises(ValueError, match=message):
+        build("hash", kw)
+
+
+def test_k_greater_than_e_fails_before_building():
+    with pytest.raises(ValueError, match="1 <= top_k <= num_experts"):
+        build("hash", {}, num_experts=2, num_experts_per_tok=3)
+
+
+def test_bad_span_configs():
+    with pytest.raises(ValueError, match="unknown span decision"):
+        build("span", {"decision": "nope"})
+    with pytest.raises(ValueError, match="unknown span kind"):
+        build("span", {"spans": "sentence"})
+
+
+# -- hash ---------------------------------------------------------------------------------------------
+def test_hash_routing_is_deterministic_and_differs_per_layer():
+    a, b = build("hash", {}, seed=0), build("hash", {}, seed=1)  # different init seed, same table seed
+    ids = torch.randint(0, 512, (2, 30))
+    ra, rb = a(ids).routing, b(ids).routing
+    for x, y in zip(ra, rb):
+        assert torch.equal(x.expert_ids, y.expert_ids)
+    assert not torch.equal(ra[0].expert_ids, ra[1].expert_ids)
+    # same token id -> same experts wherever it occurs
+    ids = torch.full((1, 10), 7)
+    r = a(ids).routing[0].expert_ids[0]
+    assert (r == r[0]).all()
+
+
+@pytest.mark.parametrize("table", ["random", "balanced", "bigram"])
+def test_hash_table_round_trips_through_a_checkpoint(table, tmp_path):
+    model = build("hash", {"table": table, "seed": 3})
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    args = ModelArgs(**AUDIT_ARGS)
+    table_ws, _ = synthetic_resources(args.vocab_size)
+    # rebuilt without corpus resources and with another table seed: the tables come from the checkpoint
+    rebuilt = Transformer(args, router=router_factory("hash", {"table": table, "seed": 9}), word_start_table=table_ws)
+    rebuilt.load_state_dict(torch.load(path))
+    ids = torch.randint(0, 512, (2, 25))
+    for x, y in zip(model(ids).routing, rebuilt(ids).routing):
+        assert torch.equal(x.expert_ids, y.expert_ids)
+
+
+def test_balanced_table_equalises_token_mass_on_zipf_counts():
+    counts = 1e6 / torch.arange(1, 32001).double() ** 1.1  # Zipf, like real token frequencies
+    table = balanced_expert_table(counts, num_experts=8, top_k=2, seed=0)
+    assert (table[:, 0] != table[:, 1]).all()
+    mass = torch.zeros(8, dtype=torch.float64).index_add_(0, table.reshape(-1), counts.repeat_interleave(2))
+    assert ((mass / mass.mean() - 1).abs() < 0.05).all(), mass / mass.mean()
+
+
+def test_balanced_table_on_real_text_with_the_mixtral_tokenizer():
+    tok_mod = pytest.importorskip("moe_variants.data.tokenizer")
+    import inspect
+
+    tok = tok_mod.load_tokenizer("mixtral")
+    text = "".join(inspect.getsource(m) for m in (inspect, pytest, torch.nn.modules.module))
+    train_ids = torch.tensor(tok.encode(text).ids)
+    spec = LayerSpec(dim=8, num_experts=8, top_k=2, vocab_size=32000, n_layers=1, layer_idx=0,
+                     resources=RoutingResources(lambda: [train_ids[None]], 32000, torch.ones(32000, dtype=bool), "t"))
+    router = HashRouter(spec, table="balanced")
+    experts = router.expert_table[train_ids].reshape(-1)
+    mass = torch.bincount(experts, minlength=8).double()
+    assert ((mass / mass.mean() - 1).abs() < 0.05).all(), mass / mass.mean()
+
+
+def test_prev_token_routing_follows_the_previous_token():
+    model = build("hash", {"table": "prev_token"})
+    ids = torch.tensor([[5, 9, 9, 5, 1, 9]])
+    r = model(ids).routing[0].expert_ids[0]
+    assert torch.equal(r[1], r[4])  # both follow token 5
+    assert torch.equal(r[2], r[3])  # both follow token 9
+
+
+# -- span ---------------------------------------------------------------------------------------------
+def span_groups(model: Transformer, ids: torch.Tensor, overrides: dict):
+    ctx = RoutingContext(history_ids=ids, positions=torch.arange(ids.shape[1]).expand_as(ids),
+                         word_start_table=model.word_start_table)
+    starts = ctx.span_starts(model.routers[0].span)
+    return start_index(starts)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"spans": "fixed", "span_len": 3}])
+def test_all_tokens_of_a_span_share_experts(overrides):
+    model = build("span", overrides)
+    ids = torch.randint(0, 512, (4, 40))
+    first = span_groups(model, ids, overrides)
+    for r in model(ids).routing:
+        at_first = torch.gather(r.expert_ids, 1, first.unsqueeze(-1).expand_as(r.expert_ids))
+        assert torch.equal(r.expert_ids, at_first)
+        assert torch.equal(r.weights, torch.gather(r.weights, 1, first.unsqueeze(-1).expand_as(r.weights)))
+    assert (first != torch.arange(40)).any(), "the test needs multi-token spans"
+
+
+def test_routing_vocab_spans_share_the_prefix_id_of_complete_words():
+    """routing_vocab is causal: the id at a token is that of the span prefix; equal prefixes route equally."""
+    model = build("span", {"decision": "routing_vocab"})
+    ws = model.word_start_table
+    starts = torch.nonzero(ws).flatten()[:3].tolist()
+    conts = torch.nonzero(~ws).flatten()[:2].tolist()
+    word = [starts[0], conts[0], conts[1]]
+    ids = torch.tensor([word + [starts[1]] + word + [starts[2]]])
+    r = model(ids).routing[0].expert_ids[0]
+    assert torch.equal(r[0:3], r[4:7])
+
+
+def test_fixed_spans_of_length_one_equal_per_token_topk():
+    span = build("span", {"spans": "fixed", "span_len": 1})
+    topk = build("topk", {})
+    topk.load_state_dict({k: v for k, v in span.state_dict().items() if not k.endswith("_extra_state")})
+    ids = torch.randint(0, 512, (2, 19))
+    for a, b in zip(span(ids).routing, topk(ids).routing):
+        assert torch.equal(a.expert_ids, b.expert_ids)
+        torch.testing.assert_close(a.weights, b.weights)
+    torch.testing.assert_close(span(ids).logits, topk(ids).logits)
+
+
+def test_span_routing_cached_generation_equals_uncached():
+    for overrides in ({}, {"decision": "routing_vocab"}, {"spans": "fixed", "span_len": 3}):
+        model = build("span", overrides).eval()
+        prompt = torch.randint(0, 512, (2, 7))
+        tokens, cached = model.generate(prompt, max_new_tokens=9)
+        torch.testing.assert_close(cached, model(tokens).logits[:, :-1], atol=1e-5, rtol=1e-4)
+
+
+def test_routing_vocab_from_another_tokenizer_is_refused(tmp_path):
+    model = build("span", {"decision": "routing_vocab"})
+    state = model.state_dict()
+    args = ModelArgs(**AUDIT_ARGS)
+    table, _ = synthetic_resources(args.vocab_size)
+    corpus = torch.randint(0, 512, (8, 64))
+    other = RoutingResources(lambda: [corpus], 512, table, "another-tokenizer")
+    rebuilt = Transformer(args, router=router_factory("span", {"decision": "routing_vocab"}),
+                          word_start_table=table, resources=other)
+    with pytest.raises(ValueError, match="routing vocabulary was built for tokenizer"):
+        rebuilt.load_state_dict(state)
+
+
+def test_topk_router_math():
+    spec = LayerSpec(dim=4, num_experts=4, top_k=2, vocab_size=10, n_layers=1, layer_idx=0)
+    router = TopKRouter(spec)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4))
+    x = torch.tensor([[[3.0, 1.0, 2.0, 0.0]]])
+    ctx = RoutingContext(history_ids=torch.zeros(1, 1, dtype=torch.long), positions=torch.zeros(1, 1, dtype=torch.long))
+    out = router(x, ctx)
+    assert out.expert_ids.tolist() == [[[0, 2]]]
+    expected = torch.softmax(torch.tensor([3.0, 2.0]), 0)  # softmax over the top-k logits
+    torch.testing.assert_close(out.weights[0, 0], expected)
+
+
+def test_jitter_only_in_training():
+    spec = LayerSpec(dim=8, num_experts=4, top_k=2, vocab_size=10, n_layers=1, layer_idx=0)
+    router = TopKRouter(spec, jitter_eps=0.5)
+    x = torch.randn(1, 50, 8)
+    ctx = RoutingContext(history_ids=torch.zeros(1, 50, dtype=torch.long), positions=torch.arange(50)[None])
+    router.eval()
+    torch.testing.assert_close(router(x, ctx).logits, router(x, ctx).logits)
+    router.train()
+    assert not torch.allclose(router(x, ctx).logits, router(x, ctx).logits)
+    with pytest.raises(ValueError, match="jitter_eps"):
+        TopKRouter(spec, jitter_eps=1.5)
