@@ -1,0 +1,276 @@
+"""Training-step throughput: ours vs HF transformers' MixtralForCausalLM, side by side on one GPU.
+
+One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step):
+HF eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts,
+chunked cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced
+routing. It prints tokens/s, model FLOP utilisation against a bf16 matmul ceiling measured in the same run,
+peak memory, and ratios against the best HF variant; it writes JSON + a markdown table.
+
+    python experiments/bench/throughput.py --config A            # on the GPU (results/bench/)
+    python experiments/bench/throughput.py --smoke                # CPU-sized smoke run (no timing claims)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from moe_variants import ModelArgs, Transformer
+from moe_variants.routers.hash import HashRouter
+from moe_variants.routers.span import SpanRouter
+from moe_variants.routers.topk import TopKRouter
+from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    seq_len: int
+    batch: int
+    vocab_size: int = 32000
+    num_experts: int = 8
+    top_k: int = 2
+
+
+CONFIGS = {  # the two shapes of the issue (HF numbers measured there: 85k/141k/223k and 49k/58k/71k tok/s)
+    "A": BenchConfig("A", dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=3584, seq_len=2048, batch=8),
+    "B": BenchConfig("B", dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, hidden_dim=7168, seq_len=4096, batch=4),
+    "smoke": BenchConfig("smoke", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, seq_len=64, batch=2,
+                         vocab_size=1000),
+}
+
+
+class BalancedRouter(Router):
+    """Bench-only: forces perfectly balanced routing (token i -> experts i, i+1, ... mod E), uniform weights."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__(spec)
+        self.gate = torch.nn.Linear(spec.dim, spec.num_experts, bias=False)  # same cost as the learned gate
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        B, S, _ = x.shape
+        logits = self.gate(x).float()
+        tok = torch.arange(B * S, device=x.device).view(B, S, 1)
+        ids = (tok + torch.arange(self.top_k, device=x.device)) % self.num_experts
+        weights = torch.softmax(logits.gather(-1, ids), -1)
+        return RouterOutput(expert_ids=ids, weights=weights, logits=logits)
+
+
+def args_for(c: BenchConfig) -> ModelArgs:
+    return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                     hidden_dim=c.hidden_dim, vocab_size=c.vocab_size, num_experts=c.num_experts,
+                     num_experts_per_tok=c.top_k, max_seq_len=c.seq_len)
+
+
+def model_flops_per_token(c: BenchConfig) -> float:
+    """6 x active matmul params + causal attention (fwd+bwd), per token."""
+    hd = c.dim // c.n_heads
+    attn = c.dim * hd * (2 * c.n_heads + 2 * c.n_kv_heads)
+    experts = c.top_k * 3 * c.dim * c.hidden_dim
+    router = c.dim * c.num_experts
+    per_layer = attn + experts + router
+    matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size  # LM head; the embedding is a lookup
+    attention = c.n_layers * 6 * c.seq_len * c.n_heads * hd  # causal: half of 2 GEMMs, x3 for fwd+bwd
+    return 6 * matmul_params + attention
+
+
+def matmul_ceiling(device: str) -> float:
+    """Measured bf16 matmul FLOP/s on random data (8192^3)."""
+    if device != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def hf_model(c: BenchConfig, experts_impl: str):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
+                        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                        num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, max_position_embeddings=c.seq_len,
+                        tie_word_embeddings=False, sliding_window=None, attn_implementation="sdpa",
+                        experts_implementation=experts_impl)
+    model = MixtralForCausalLM(cfg)
+
+    def loss_fn(m, ids):
+        return m(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn
+
+
+def our_model(c: BenchConfig, router) -> tuple[torch.nn.Module, callable]:
+    model = Transformer(args_for(c), router=router, experts="grouped" if torch.cuda.is_available() else "loop",
+                        word_start_table=torch.rand(c.vocab_size) < 0.4)
+
+    def loss_fn(m, ids):
+        labels = ids.roll(-1, 1)
+        out = m(ids, labels=labels)
+        aux = sum(r.aux_losses.get("load_balance", 0.0) for r in out.routing)
+        return out.lm_loss + 0.01 * aux
+
+    return model, loss_fn
+
+
+def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, steps: int, warmup: int) -> dict:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model, loss_fn = build()
+    model = model.to(device=device, dtype=torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    step_model = torch.compile(model) if compile_ else model
+    ids = torch.randint(0, c.vocab_size, (c.batch, c.seq_len), device=device)
+
+    def step():
+        loss = loss_fn(step_model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            loss = step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    result = {"variant": name, "tokens_per_s": c.batch * c.seq_len / median, "step_s": median,
+              "peak_mem_gib": peak, "warmup_s": warm_s, "loss": float(loss)}
+    print(f"  {name:28s} {result['tokens_per_s']:>10.0f} tok/s  step {median * 1e3:7.1f} ms  "
+          f"peak {peak:6.1f} GiB  (warm-up {warm_s:.0f} s)", flush=True)
+    del model, opt, step_model
+    return result
+
+
+def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, variants: list[str] | None) -> dict:
+    ceiling = matmul_ceiling(device)
+    flops_tok = model_flops_per_token(c)
+    print(f"config {c.name}: {c}\n  matmul ceiling {ceiling / 1e12:.0f} TFLOP/s; model FLOPs/token "
+          f"{flops_tok / 1e9:.2f} G", flush=True)
+    compile_ = device == "cuda"
+    plan = []
+    if not skip_hf:
+        plan += [
+            ("hf_eager", lambda: hf_model(c, "eager"), False),
+            ("hf_grouped_mm", lambda: hf_model(c, "grouped_mm"), False),
+            ("hf_grouped_mm_compile", lambda: hf_model(c, "grouped_mm"), compile_),
+        ]
+    plan += [
+        ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
+        ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
+        ("ours_span", lambda: our_model(c, partial(SpanRouter)), compile_),
+        ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
+    ]
+    results = []
+    for name, build, comp in plan:
+        if variants and name not in variants:
+            continue
+        try:
+            results.append(time_variant(name, build, c, device, comp, steps, warmup))
+        except Exception as err:  # a failing variant is reported, not hidden, and the rest still run
+            print(f"  {name}: FAILED {type(err).__name__}: {err}"[:400], flush=True)
+            results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
+    for r in results:
+        if "tokens_per_s" in r:
+            r["mfu"] = r["tokens_per_s"] * flops_tok / ceiling
+    ok = [r for r in results if "tokens_per_s" in r]
+    hf = [r for r in ok if r["variant"].startswith("hf_")]
+    best_hf = max(hf, key=lambda r: r["tokens_per_s"]) if hf else None
+    topk = next((r for r in ok if r["variant"] == "ours_topk"), None)
+    for r in ok:
+        if best_hf:
+            r["vs_hf_best"] = r["tokens_per_s"] / best_hf["tokens_per_s"]
+            r["mem_vs_hf_best"] = r["peak_mem_gib"] / best_hf["peak_mem_gib"]
+        if topk and r["variant"].startswith("ours_"):
+            r["vs_ours_topk"] = r["tokens_per_s"] / topk["tokens_per_s"]
+    return {"config": vars(c), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+            "torch": torch.__version__, "matmul_ceiling_flops": ceiling, "model_flops_per_token": flops_tok,
+            "best_hf": best_hf["variant"] if best_hf else None, "results": results}
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"### Config {c['name']}: dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads / "
+             f"{c['n_kv_heads']} kv, expert hidden {c['hidden_dim']}, E{c['num_experts']} top-{c['top_k']}, "
+             f"seq {c['seq_len']} x batch {c['batch']}, vocab {c['vocab_size']}",
+             f"{report['device']}, torch {report['torch']}, measured bf16 matmul ceiling "
+             f"{report['matmul_ceiling_flops'] / 1e12:.0f} TFLOP/s; baseline = best HF variant "
+             f"({report['best_hf']})", "",
+             "| variant | tokens/s | MFU | peak GiB | vs HF best | mem vs HF best | vs ours topk |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        fmt = lambda k, f: (f.format(r[k]) if k in r else "")  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {fmt('mfu', '{:.1%}')} | "
+                     f"{r['peak_mem_gib']:.1f} | {fmt('vs_hf_best', '{:.2f}x')} | {fmt('mem_vs_hf_best', '{:.2f}x')} | "
+                     f"{fmt('vs_ours_topk', '{:.2f}x')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", nargs="+", default=["A", "B"], choices=sorted(CONFIGS))
+    p.add_argument("--smoke", action="store_true", help="CPU-sized run of every variant (no timing claims)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--out", default="results/bench")
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    names = ["smoke"] if a.smoke else a.config
+    reports = [run(CONFIGS[n], device, a.steps, a.warmup, a.skip_hf, a.variants) for n in names]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke" if a.smoke else "-".join(names)
+    (out / f"throughput-{tag}.json").write_text(json.dumps(reports, indent=2))
+    (out / f"throughput-{tag}.md").write_text("\n".join(markdown(r) for r in reports))
+    print("\n".join(markdown(r) for r in reports))
+    return reports
+
+
+if __name__ == "__main__":
+    main()

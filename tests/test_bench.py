@@ -1,0 +1,22 @@
+"""CPU-sized smoke run of the throughput benchmark (no timing assertions: speed is measured on the GPU)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "throughput.py"
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reports = bench.main(["--smoke", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
+                          "--variants", "hf_grouped_mm", "ours_topk", "ours_hash", "ours_span",
+                          "ours_topk_forced_balanced"])
+    results = {r["variant"]: r for r in reports[0]["results"]}
+    assert set(results) == {"hf_grouped_mm", "ours_topk", "ours_hash", "ours_span", "ours_topk_forced_balanced"}
+    assert all("tokens_per_s" in r and r["tokens_per_s"] > 0 for r in results.values()), results
+    assert (tmp_path / "throughput-smoke.json").is_file() and (tmp_path / "throughput-smoke.md").is_file()
