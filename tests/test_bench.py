@@ -1,6 +1,7 @@
 """CPU-sized smoke run of the throughput benchmark (no timing assertions: speed is measured on the GPU)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "throug
 def test_throughput_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = bench  # dataclasses look their module up
     spec.loader.exec_module(bench)
     reports = bench.main(["--smoke", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
                           "--variants", "hf_grouped_mm", "ours_topk", "ours_hash", "ours_span",
