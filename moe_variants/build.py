@@ -1,0 +1,205 @@
+"""From a composed Hydra config to the objects of one run: data module, model, Lightning module, trainer.
+
+Every check that can fail a run is done here, before the first training step, and raises ``ValueError`` naming
+the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``model.vocab_size``, and a
+``ckpt_path`` whose model/router/experts config differs from the current one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moe_variants.args import ModelArgs
+from moe_variants.checkpoint import MODEL_SECTIONS, config_differences, read_checkpoint
+from moe_variants.lit import CONFIG_KEY
+from moe_variants.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+# -- model ---------------------------------------------------------------------------------------------------
+def model_args(cfg: DictConfig) -> ModelArgs:
+    """``cfg.model`` -> validated ``ModelArgs`` (raises ValueError, e.g. for top-k > num_experts)."""
+    return ModelArgs.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def build_model(
+    cfg: DictConfig, word_start_table: torch.Tensor | None = None, resources: Any = None
+) -> Transformer:
+    """The Transformer of ``cfg.model`` with the router of ``cfg.router`` and experts ``cfg.experts.impl``."""
+    router = instantiate(cfg.router)
+    return Transformer(
+        model_args(cfg), router=router, experts=cfg.experts.impl, word_start_table=word_start_table,
+        resources=resources,
+    )
+
+
+def make_resources(datamodule: Any) -> Any:
+    """Corpus statistics for routers that need them (``routers.resources.RoutingResources``); None when that
+    module is not available."""
+    if importlib.util.find_spec("moe_variants.routers.resources") is None:
+        return None
+    from moe_variants import paths
+    from moe_variants.routers.resources import RoutingResources
+
+    return RoutingResources.from_datamodule(datamodule, cache_dir=paths.data_root() / "cache" / "routing")
+
+
+def router_name(cfg: DictConfig) -> str:
+    """The router's config name (``topk``), from Hydra's choices when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("router")
+        if choice:
+            return str(choice)
+    return str(cfg.router._target_).rsplit(".", 2)[-2]  # moe_variants.routers.<name>.<Class>
+
+
+# -- checks --------------------------------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> ModelArgs:
+    """Checks that need no data: model args valid (incl. top-k <= E), sequence length fits the model."""
+    try:
+        args = model_args(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"invalid model config: {e}") from e
+    seq_len = cfg.data.get("seq_len")
+    if seq_len is not None and seq_len > args.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds model.max_seq_len={args.max_seq_len}: lower data.seq_len or raise "
+            f"model.max_seq_len"
+        )
+    return args
+
+
+def check_data(args: ModelArgs, datamodule: Any) -> None:
+    """Checks against the set-up data module: the tokenizer's vocabulary is the model's."""
+    vocab = int(datamodule.vocab_size)
+    if vocab != args.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab} tokens but model.vocab_size={args.vocab_size}: set "
+            f"model.vocab_size={vocab} or pick the matching data.tokenizer"
+        )
+
+
+def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path``: None, a file, or ``last`` = ``<run_dir>/checkpoints/last.ckpt`` (None if there is none yet,
+    so that re-running a sweep command starts the missing runs and resumes the others)."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if str(ckpt) == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+            return None
+        return str(last)
+    if not Path(ckpt).is_file():
+        raise ValueError(f"ckpt_path={ckpt} does not exist (use ckpt_path=last to resume this run dir)")
+    return str(ckpt)
+
+
+def check_checkpoint(config: dict[str, Any], ckpt_path: str) -> None:
+    """The checkpoint's saved model/router/experts config must equal the current one."""
+    saved = read_checkpoint(ckpt_path)[CONFIG_KEY]
+    diffs = config_differences(saved, config)
+    if diffs:
+        raise ValueError(
+            f"checkpoint {ckpt_path} was trained with a different {'/'.join(MODEL_SECTIONS)} config; differing "
+            f"keys:\n  " + "\n  ".join(diffs) + "\nresume with the original overrides, or start a new run "
+            "(ckpt_path=null, or another experiment/name)"
+        )
+
+
+# -- runtime -------------------------------------------------------------------------------------------------
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The whole run config with interpolations resolved (no ``hydra`` node): saved in checkpoints and W&B."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+def make_loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if not isinstance(lcfg, DictConfig) or "_target_" not in lcfg:
+            continue
+        kwargs: dict[str, Any] = {}
+        if lcfg._target_.endswith("WandbLogger"):
+            kwargs["tags"] = tags
+            mode = os.environ.get("WANDB_MODE")
+            if mode:  # the environment wins over offline: true (WANDB_MODE=online|offline|disabled)
+                kwargs.update(offline=mode in ("offline", "dryrun"), mode=mode)
+        loggers.append(instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, built and checked."""
+
+    config: dict[str, Any]
+    run_dir: Path
+    datamodule: Any
+    model: Transformer
+    lit: Any
+    trainer: Any
+    ckpt_path: str | None
+    tags: list[str]
+    resources: Any = None
+
+
+def build(cfg: DictConfig) -> Run:
+    """Build and check everything; nothing is trained yet."""
+    import lightning as L
+
+    from moe_variants.checkpoint import AtomicCheckpointIO
+    from moe_variants.lit import LitMoE
+
+    config = resolved_config(cfg)
+    run_dir = Path(config["run_dir"])
+    args = check_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    if ckpt_path is not None:
+        check_checkpoint(config, ckpt_path)
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    check_data(args, datamodule)
+    resources = make_resources(datamodule)
+
+    L.seed_everything(cfg.seed, workers=True)  # model init independent of what data setup consumed
+    model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
+    if cfg.get("compile"):
+        model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
+    lit = LitMoE(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        loss_coefficients=OmegaConf.to_container(cfg.loss, resolve=True),
+        domains=list(getattr(datamodule, "domains", ["all"])),
+        config=config,
+    )
+    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
+    loggers = make_loggers(cfg, tags)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
+    for lg in loggers:  # the full resolved config, once
+        lg.log_hyperparams(config)
+    return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources)

@@ -1,0 +1,123 @@
+"""Training callbacks: live routing metrics and throughput.
+
+``RoutingMetrics`` reads the routing decisions that ``LitMoE.training_step`` returns for its own step (no hooks,
+no global state) and computes the metrics with the pure functions of ``moe_variants.analysis``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+try:  # the analysis engineer's pure functions (fallbacks below keep training usable without them)
+    from moe_variants.analysis.metrics import consecutive_repeat_rates, expert_load, router_entropy
+except ImportError:  # pragma: no cover - only while moe_variants.analysis is being written
+    consecutive_repeat_rates = expert_load = router_entropy = None
+
+
+def _expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    if expert_load is not None:
+        return expert_load(expert_ids, num_experts)
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).float()
+    return counts / counts.sum()
+
+
+def _router_entropy(logits: torch.Tensor) -> float:
+    if router_entropy is not None:
+        return router_entropy(logits)
+    return float(torch.special.entr(logits.float().softmax(-1)).sum(-1).mean())
+
+
+def _first_repeat(expert_ids: torch.Tensor, doc_start: torch.Tensor | None) -> float:
+    if consecutive_repeat_rates is not None:
+        return consecutive_repeat_rates(expert_ids, doc_start=doc_start)["first"]
+    same = expert_ids[:, 1:, 0] == expert_ids[:, :-1, 0]
+    if doc_start is not None:
+        same = same[~doc_start[:, 1:].bool()]
+    return float(same.float().mean()) if same.numel() else math.nan
+
+
+class RoutingMetrics(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, log per MoE layer ``i`` under ``routing/layer{i}/``:
+    ``load_max``, ``load_min``, ``max_over_mean`` (1 = balanced), ``load/e{j}`` (share of assignments),
+    ``entropy`` (nats, router softmax; learned routers only), ``aux/<name>`` (unweighted aux losses) and
+    ``repeat_first`` (first-choice consecutive-repeat rate, Mixtral Table 5); layer means as ``routing/<metric>``."""
+
+    def __init__(self, every_n_steps: int = 50, per_expert: bool = True) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.per_expert = per_expert
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step - 1  # already incremented by the optimizer step of this batch
+        if step % self.every_n_steps or not isinstance(outputs, dict) or "routing" not in outputs:
+            return
+        metrics = self.compute(outputs["routing"], pl_module.model.args.num_experts, outputs.get("doc_start"))
+        if not self.per_expert:
+            metrics = {k: v for k, v in metrics.items() if "/load/e" not in k}
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def compute(routing: list[dict[str, Any]], num_experts: int, doc_start: torch.Tensor | None = None
+                ) -> dict[str, float]:
+        """``routing``: per layer ``{"expert_ids": (B, S, K), "logits": (B, S, E) | None, "aux": {name: scalar}}``."""
+        metrics: dict[str, float] = {}
+        means: dict[str, list[float]] = {}
+        doc_start = None if doc_start is None else doc_start.cpu()
+        for i, layer_out in enumerate(routing):
+            expert_ids, logits = layer_out["expert_ids"].cpu(), layer_out.get("logits")
+            load = _expert_load(expert_ids, num_experts)
+            layer = {
+                "load_max": float(load.max()),
+                "load_min": float(load.min()),
+                "max_over_mean": float(load.max() / load.mean()),
+                "repeat_first": _first_repeat(expert_ids, doc_start),
+            }
+            if logits is not None:
+                layer["entropy"] = _router_entropy(logits.cpu())
+            layer.update({f"aux/{k}": float(v) for k, v in layer_out.get("aux", {}).items()})
+            for name, value in layer.items():
+                metrics[f"routing/layer{i}/{name}"] = value
+                means.setdefault(name, []).append(value)
+            for j, share in enumerate(load.tolist()):
+                metrics[f"routing/layer{i}/load/e{j}"] = share
+        for name, values in means.items():
+            metrics[f"routing/{name}"] = sum(values) / len(values)
+        return metrics
+
+
+class Throughput(L.Callback):
+    """Training tokens per second (``train/tokens_per_s``, over the steps since the last log), excluding
+    validation and checkpointing; totals for the run report in ``tokens`` and ``train_seconds``."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self._t0: float | None = None
+        self._window = [0, 0.0]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        n = int(batch["input_ids"].numel())
+        self.tokens += n
+        self.train_seconds += dt
+        self._window[0] += n
+        self._window[1] += dt
+        if trainer.global_step % trainer.log_every_n_steps == 0 and self._window[1] > 0:
+            pl_module.log("train/tokens_per_s", self._window[0] / self._window[1], on_step=True, on_epoch=False)
+            self._window = [0, 0.0]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else math.nan

@@ -1,0 +1,149 @@
+"""Checkpoint IO: atomic writes, reading the saved run config back, and ``load_model`` without Lightning.
+
+A training checkpoint is Lightning's dict plus the resolved run config under ``lit.CONFIG_KEY``; the model
+weights (router tables and the word-start table included: they are buffers) are ``state_dict["model.*"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moe_variants.model import Transformer
+
+CONFIG_KEY = "moe_variants_config"  # same as lit.CONFIG_KEY (kept here so loading never imports Lightning)
+MODEL_SECTIONS = ("model", "router", "experts")  # what must match for weights to mean the same thing
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: a crash or an exception
+    mid-write leaves either the old file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _make_atomic_checkpoint_io() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`)."""
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO does not take storage_options")
+            save_atomic(checkpoint, path)
+
+    AtomicCheckpointIO.__module__ = __name__
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    # ``AtomicCheckpointIO`` is built on first use so that ``load_model`` never imports Lightning
+    if name == "AtomicCheckpointIO":
+        cls = _make_atomic_checkpoint_io()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a moe-variants training checkpoint dict, or raise ``ValueError`` saying what the file is not."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.ckpt"
+        if not candidate.is_file():
+            raise ValueError(f"{path} is a folder without checkpoints/last.ckpt: pass a .ckpt file or a run dir")
+        path = candidate
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        # our own files only; Lightning checkpoints hold non-tensor objects, so not weights_only
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a checkpoint (torch.load failed: {type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is a torch file but not a Lightning training checkpoint (no 'state_dict')")
+    if CONFIG_KEY not in ckpt:
+        raise ValueError(
+            f"{path} is a Lightning checkpoint without a saved moe-variants config ({CONFIG_KEY!r}): it was not "
+            f"written by moe-train, so the model cannot be rebuilt from it"
+        )
+    return dict(ckpt)
+
+
+def checkpoint_config(path: str | os.PathLike[str]) -> DictConfig:
+    """The resolved run config saved in a checkpoint."""
+    return OmegaConf.create(read_checkpoint(path)[CONFIG_KEY])
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], sections=MODEL_SECTIONS) -> list[str]:
+    """``["model.dim: checkpoint 64, config 128", ...]`` over the sections that define the weights."""
+    diffs = []
+    for section in sections:
+        a = _flatten({section: saved.get(section)})
+        b = _flatten({section: current.get(section)})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<missing>") != b.get(key, "<missing>"):
+                diffs.append(f"{key}: checkpoint {a.get(key, '<missing>')!r}, config {b.get(key, '<missing>')!r}")
+    return diffs
+
+
+def load_model(
+    path: str | os.PathLike[str], map_location: Any = "cpu"
+) -> tuple[Transformer, DictConfig]:
+    """Rebuild the trained model from a checkpoint file (or a run dir: its ``checkpoints/last.ckpt``).
+
+    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with ``resources=None``;
+    their corpus-derived tables are buffers and come from the state dict.
+    """
+    from moe_variants.build import build_model
+
+    ckpt = read_checkpoint(path, map_location)
+    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # tolerate a torch.compile'd wrapper
+    table = state.get("word_start_table")
+    model = build_model(cfg, word_start_table=None if table is None else torch.zeros_like(table), resources=None)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not match the model rebuilt from its own config: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path} does not match the model rebuilt from its own config: missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]} (was the model code changed?)"
+        )
+    return model.eval(), cfg

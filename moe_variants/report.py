@@ -1,0 +1,99 @@
+"""The end-of-run report (``report.md`` + ``report.json`` in the run dir): validation loss per domain against the
+corpus unigram entropy, throughput, where the W&B run and the checkpoint are."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def unigram_entropy(counts: torch.Tensor) -> float:
+    """Entropy (nats/token) of the unigram distribution given by token ``counts`` (V,): the loss of the best model
+    that ignores context. A language model that has learned anything beyond token frequencies beats it."""
+    p = counts.double() / counts.sum()
+    return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+
+def train_token_counts(datamodule: Any, vocab_size: int, resources: Any = None) -> torch.Tensor:
+    """(V,) token counts of the training split (shared with the routers' resources when they have them)."""
+    if resources is not None and hasattr(resources, "token_counts"):
+        return resources.token_counts()
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for chunk in datamodule.train_token_chunks():
+        counts += torch.bincount(chunk.reshape(-1), minlength=vocab_size).double()
+    return counts
+
+
+def wandb_run_dir(trainer: Any) -> str | None:
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            return str(Path(lg.experiment.dir).parent)  # .../wandb/offline-run-<time>-<id>
+    return None
+
+
+def make_report(run: Any, val_metrics: dict[str, float], wall_seconds: float) -> dict[str, Any]:
+    """Collect the report of a finished ``build.Run``."""
+    trainer, model = run.trainer, run.model
+    counts = train_token_counts(run.datamodule, model.args.vocab_size, run.resources)
+    h_unigram = unigram_entropy(counts)
+    val_loss = val_metrics.get("val/loss", math.nan)
+    throughput = next((cb for cb in trainer.callbacks if type(cb).__name__ == "Throughput"), None)
+    ckpt_cb = trainer.checkpoint_callback
+    return {
+        "name": run.config.get("name"),
+        "experiment": run.config.get("experiment"),
+        "tags": run.tags,
+        "causal": model.causal,
+        "routers": sorted({r.describe() for r in model.routers}),
+        "params": model.num_params(),
+        "steps": trainer.global_step,
+        "val_loss": val_loss,
+        "val_loss_per_domain": {
+            k[len("val/"): -len("/loss")]: v for k, v in sorted(val_metrics.items())
+            if k.startswith("val/") and k.endswith("/loss") and k != "val/loss"
+        },
+        "unigram_entropy": h_unigram,
+        "train_tokens_counted": int(counts.sum()),
+        "beats_unigram": bool(val_loss < h_unigram),
+        "train_tokens": getattr(throughput, "tokens", None),
+        "tokens_per_s": getattr(throughput, "tokens_per_s", None),
+        "train_seconds": getattr(throughput, "train_seconds", None),
+        "wall_seconds": wall_seconds,
+        "wandb_run_dir": wandb_run_dir(trainer),
+        "checkpoint": (ckpt_cb.last_model_path or None) if ckpt_cb is not None else None,
+        "run_dir": str(run.run_dir),
+    }
+
+
+def write_report(report: dict[str, Any], run_dir: Path) -> str:
+    """Write ``report.json`` and ``report.md``; return the markdown."""
+    r = report
+    lines = [
+        f"# Run report: {r['name']} (experiment {r['experiment']})",
+        "",
+        f"- routers: {', '.join(r['routers'])}; tags: {', '.join(r['tags'])}; causal: {r['causal']}",
+        f"- parameters: {r['params']['total'] / 1e6:.2f}M total, {r['params']['active'] / 1e6:.2f}M active",
+        f"- steps: {r['steps']}; training tokens: {r['train_tokens']}; "
+        f"throughput: {r['tokens_per_s']:.0f} tokens/s (training steps only); wall time: {r['wall_seconds']:.0f} s",
+        "",
+        "| domain | val loss (nats/token) |",
+        "|---|---|",
+        *[f"| {d} | {v:.4f} |" for d, v in r["val_loss_per_domain"].items()],
+        f"| **all (token-weighted)** | **{r['val_loss']:.4f}** |",
+        "",
+        f"Corpus unigram entropy (train split, {r['train_tokens_counted']} tokens): {r['unigram_entropy']:.4f} "
+        f"nats/token. The model {'beats' if r['beats_unigram'] else 'does NOT beat'} it "
+        f"({r['val_loss'] - r['unigram_entropy']:+.4f}).",
+        "",
+        f"- W&B run: {r['wandb_run_dir']} (offline: `wandb sync {r['wandb_run_dir']}`)",
+        f"- checkpoint: {r['checkpoint']}",
+    ]
+    md = "\n".join(lines) + "\n"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "report.json").write_text(json.dumps(r, indent=2, default=str))
+    (run_dir / "report.md").write_text(md)
+    return md

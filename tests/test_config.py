@@ -1,0 +1,133 @@
+"""Every config composes; model presets build; config errors surface before training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF_DIR, TEST_CONF_DIR
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from moe_variants.build import build_model, check_config, make_resources
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+ALL_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path | None = None, hydra_cfg: bool = False):
+    """The app's config with test data (data=standin unless another data is chosen) and concrete run paths."""
+    base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "model=tiny", "data=standin", "name=test", "logger=none"]
+    if tmp_path is not None:
+        base.append(f"run_dir={tmp_path}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=base + overrides, return_hydra_config=hydra_cfg)
+
+
+def _standin_dm():
+    from standin_data import StandinDataModule
+
+    dm = StandinDataModule(seq_len=16, batch_size=2)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_config_composes_and_builds(group, option, tmp_path):
+    cfg = compose_cfg([f"{group}={option}"], tmp_path)
+    assert cfg[group] is not None or group == "logger"
+    if group == "data":  # the corpus module needs the built corpus: composing is what is checked here
+        assert "_target_" in cfg.data
+        return
+    if group == "model" and option != "tiny":  # big presets: shapes only, no memory
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert model.args.dim == cfg.model.dim
+        return
+    check_config(cfg)
+    dm = _standin_dm()
+    model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
+    assert len(model.routers) == cfg.model.n_layers
+    opt = instantiate(cfg.optimizer)(model.parameters())
+    instantiate(cfg.scheduler)(opt)
+    OmegaConf.to_container(cfg.loss)
+    for key in ("callbacks", "logger"):
+        for sub in (cfg.get(key) or {}).values():
+            instantiate(sub)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    trainer_cfg.update(accelerator="cpu", precision="32-true", enable_progress_bar=False, logger=False)
+    instantiate(trainer_cfg)
+
+
+def test_mixtral_8x7b_parameter_counts():
+    cfg = compose_cfg(["model=mixtral_8x7b"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    counts = model.num_params()
+    assert round(counts["total"] / 1e9, 1) == 46.7
+    assert round(counts["active"] / 1e9, 1) == 12.9
+    assert model.args.sliding_window is None and model.args.max_seq_len == 32768 and model.args.rope_theta == 1e6
+
+
+def test_hydra_launcher_configs_compose():
+    for launcher, target in (("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")):
+        cfg = compose_cfg([f"hydra/launcher={launcher}"], hydra_cfg=True)
+        assert cfg.hydra.launcher._target_.endswith(target)
+    slurm = compose_cfg(["hydra/launcher=slurm"], hydra_cfg=True).hydra.launcher
+    assert slurm.gpus_per_node == 1 and slurm.timeout_min == 720
+
+
+def test_run_names_and_dirs_are_deterministic():
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["router=hash", "seed=3", "experiment=e01", "data=standin",
+                                           f"hydra.searchpath=[file://{TEST_CONF_DIR}]"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.name == "hash-s3"
+        assert cfg.hydra.run.dir == "runs/e01/hash-s3"
+        assert (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) == ("runs/e01", "hash-s3")
+        assert cfg.logger.wandb.group == "e01" and cfg.logger.wandb.name == "hash-s3"
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_loss_coefficients_live_in_loss_config_only():
+    cfg = compose_cfg([])
+    assert dict(cfg.loss) == {"load_balance": 0.01, "z_loss": 0.001}
+
+
+def test_unknown_config_name_lists_choices(tmp_path):
+    cmd = [sys.executable, "-m", "moe_variants.train", "router=nope", "data=standin",
+           f"hydra.searchpath=[file://{TEST_CONF_DIR}]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "router/nope" in proc.stderr and "Available options" in proc.stderr and "topk" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.num_experts_per_tok=9"], "num_experts_per_tok"),
+        (["data.seq_len=1024"], r"data\.seq_len=1024 exceeds model\.max_seq_len=512"),
+        (["model.vocab_size=1000"], r"model\.vocab_size=32000|set model\.vocab_size=32000"),
+    ],
+    ids=["k_gt_e", "seq_len", "vocab"],
+)
+def test_config_errors_surface_before_training(overrides, match, tmp_path, monkeypatch):
+    from lightning import Trainer
+
+    from moe_variants.train import run
+
+    def no_fit(*a, **k):
+        raise AssertionError("training started despite an invalid config")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    cfg = compose_cfg(["data.seq_len=32", *overrides], tmp_path)
+    with pytest.raises(ValueError, match=match):
+        run(cfg)
