@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moe_variants.args import ModelArgs
 from moe_variants.experts import Experts, LocalDispatcher, make_experts
@@ -155,6 +154,40 @@ def default_router(spec: LayerSpec) -> Router:
     return TopKRouter(spec)
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (-100 = ignore), in token chunks.
+
+    The forward pass also computes both gradients chunk by chunk (softmax - one_hot is known once the logits
+    are), so only one chunk of logits is ever alive and backward just scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: ANN001
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
+            logits = (h_c @ weight.t()).float()  # (n, V)
+            valid = y_c != -100
+            y_safe = torch.where(valid, y_c, torch.zeros_like(y_c))
+            lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, y_safe[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
+            d_logits = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - one_hot
+            d_logits.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
+            d_logits = (d_logits * valid[:, None]).to(h.dtype)
+            grad_h[start : start + chunk] = d_logits @ weight
+            grad_w += (d_logits.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
 class Transformer(nn.Module):
     """Mixtral language model with one router per MoE layer.
 
@@ -165,7 +198,7 @@ class Transformer(nn.Module):
         word_start_table: (V,) bool table from the tokenizer, for routers that need word spans.
         resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
         loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
-            never sit in memory at once (each chunk's logits are recomputed in backward).
+            never sit in memory at once.
     """
 
     def __init__(
@@ -223,6 +256,8 @@ class Transformer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def _check_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():  # value checks sync with the host; the eager path already ran them
+            return
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.args.vocab_size):
@@ -275,19 +310,19 @@ class Transformer(nn.Module):
         return ModelOutput(logits=logits, routing=routing, lm_loss=lm_loss)
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy in fp32; chunked over tokens (logits recomputed in backward) unless given."""
+        """Mean next-token cross-entropy (fp32 softmax) over labels != -100.
+
+        Without precomputed logits it runs the LM head chunk by chunk and computes the gradients in the same
+        pass (:class:`ChunkedLinearCrossEntropy`), so the (tokens x V) logits never sit in memory at once and
+        are never recomputed.
+        """
         labels = labels.reshape(-1)
         n_valid = (labels != -100).sum().clamp(min=1)
         if logits is not None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="sum") / n_valid
         h = h.reshape(-1, h.shape[-1])
-        total = h.new_zeros((), dtype=torch.float32)
-        for h_c, y_c in zip(h.split(self.loss_chunk_tokens), labels.split(self.loss_chunk_tokens)):
-            total = total + checkpoint(self._chunk_ce, h_c, y_c, use_reentrant=False)
+        total = ChunkedLinearCrossEntropy.apply(h, self.output.weight, labels, self.loss_chunk_tokens)
         return total / n_valid
-
-    def _chunk_ce(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.output(h).float(), y, reduction="sum")
 
     # -- generation --------------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
