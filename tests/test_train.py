@@ -1,0 +1,213 @@
+"""Training end to end on the tiny model with test data: W&B offline, multirun groups, NaN guard, atomic
+checkpoints, exact resume, load_model and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF_DIR, TEST_CONF_DIR
+from hydra import compose, initialize_config_dir
+
+from moe_variants.checkpoint import load_model, save_atomic
+from moe_variants.train import run
+
+FAST = ["model=tiny", "data=standin", "data.seq_len=32", "data.batch_size=4", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100", "scheduler.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=100"]
+
+
+def compose_run(tmp: Path, *overrides: str, name: str = "test"):
+    base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*base, *overrides])
+
+
+# -- reading W&B offline runs back (LevelDB-log framing of protobuf Records, ENVIRONMENT.md §2) ----------------
+def wandb_records(path: Path, block: int = 32768):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = path.read_bytes(), 7, b""  # 7-byte file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # full record / last fragment
+            rec = pb.Record()
+            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
+            buf = b""
+            yield rec
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+
+
+def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
+    """Group, tags, config and history of the (last) offline W&B run under ``run_dir``. wandb-core may still be
+    flushing right after ``finish()``, so wait for the run's exit record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        assert files, f"no offline W&B run under {run_dir}"
+        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False}
+        for rec in wandb_records(files[-1]):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "config":
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "history":
+                out["history"].append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            elif kind == "exit":
+                out["exited"] = True
+        if out["exited"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def csv_losses(run_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
+    losses = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    losses[int(row["step"])] = float(row[key])
+    return losses
+
+
+# -- tests ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted 6-step tiny run (CSV logger), shared by the resume and checkpoint tests."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    report = run(compose_run(tmp, "trainer.max_steps=6", "scheduler.total_steps=6"))
+    return tmp, report
+
+
+def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
+    report = run(compose_run(tmp_path, "logger=wandb", "trainer.max_steps=4", "experiment=e2e", name="topk-s0"))
+    assert report["steps"] == 4 and set(report["val_loss_per_domain"]) == {"alpha", "beta"}
+    assert (tmp_path / "report.md").is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["unigram_entropy"] > 0
+    assert report["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    wb = read_wandb_run(tmp_path)
+    assert wb["exited"], "the W&B run was not closed"
+    assert Path(report["wandb_run_dir"]).is_dir()
+    assert wb["group"] == "e2e" and {"topk", "seed-0"} <= set(wb["tags"])
+    cfg = wb["config"]
+    assert cfg["model"]["dim"] == 64 and cfg["router"]["_target_"].endswith("TopKRouter")
+    assert cfg["loss"] == {"load_balance": 0.01, "z_loss": 0.001} and cfg["name"] == "topk-s0"
+    logged = {k for row in wb["history"] for k in row}
+    assert {"train/loss", "train/lm_loss", "train/load_balance", "train/z_loss", "train/lr", "val/loss",
+            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first",
+            "routing/layer0/load/e7"} <= logged
+
+
+def test_multirun_runs_share_one_wandb_group(tmp_path):
+    cmd = [sys.executable, "-m", "moe_variants.train", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
+           f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: read_wandb_run(tmp_path / "runs" / "sweep1" / name) for name in ("topk-s0", "hash-s0")}
+    assert {r["group"] for r in runs.values()} == {"sweep1"}
+    assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
+    assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
+    assert (tmp_path / "runs" / "sweep1" / "hash-s0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):
+    ref_dir, _ = trained
+    first = run(compose_run(tmp_path, "trainer.max_steps=3", "scheduler.total_steps=6"))
+    assert first["steps"] == 3
+    second = run(compose_run(tmp_path, "trainer.max_steps=6", "scheduler.total_steps=6", "ckpt_path=last"))
+    assert second["steps"] == 6
+    ref, resumed = csv_losses(ref_dir), csv_losses(tmp_path)
+    assert len(ref) == 6 and sorted(resumed) == sorted(ref)
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in sorted(ref)], dtype=torch.float64),
+                               torch.tensor([ref[s] for s in sorted(ref)], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_load_model_rebuilds_trained_model(trained):
+    run_dir, _ = trained
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    model, cfg = load_model(ckpt_path)
+    assert cfg.model.dim == 64 and not model.training
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    torch.testing.assert_close(model.output.weight, state["model.output.weight"], rtol=0, atol=0)
+    ids = torch.randint(3, 300, (1, 16))
+    assert model(ids).logits.shape == (1, 16, 32000)
+    assert load_model(run_dir)[1].model.dim == 64  # a run dir works too
+
+
+def test_resume_with_different_model_config_lists_differing_keys(trained, tmp_path):
+    run_dir, _ = trained
+    cfg = compose_run(tmp_path, "trainer.max_steps=8", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+                      "model.hidden_dim=96", "router.jitter_eps=0.1")
+    with pytest.raises(ValueError, match=r"differing keys") as err:
+        run(cfg)
+    assert "model.hidden_dim: checkpoint 128, config 96" in str(err.value)
+    assert "router.jitter_eps" in str(err.value) and "model.dim" not in str(err.value)
+
+
+def test_load_model_rejects_non_checkpoints(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        load_model(text)
+    tensors = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, tensors)
+    with pytest.raises(ValueError, match="not a Lightning training checkpoint"):
+        load_model(tensors)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0}, foreign)
+    with pytest.raises(ValueError, match="without a saved moe-variants config"):
+        load_model(foreign)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(tmp_path / "missing.ckpt")
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "last.ckpt"
+    save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"step": 2}, path)
+    with pytest.raises(OSError):
+        save_atomic({"step": 2}, tmp_path / "ckpts" / "new.ckpt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp files, no new.ckpt
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the old checkpoint is intact
+
+
+def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
+    from moe_variants.build import build
+
+    r = build(compose_run(tmp_path, "trainer.max_steps=2"))
+    with torch.no_grad():
+        r.model.norm.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in r.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"NaN/inf loss at step 0 .*lower the LR"):
+        r.trainer.fit(r.lit, datamodule=r.datamodule)
+    after = r.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
