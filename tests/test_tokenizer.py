@@ -1,0 +1,187 @@
+"""The converted Mixtral tokenizer must encode exactly like SentencePiece; trained BPEs are cached and usable."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from moe_variants.data import tokenizer as T
+
+PROSE = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife.",
+    "In the beginning God created the heaven and the earth.",
+    "Mixture-of-Experts routers send each token to k of E experts; hash routing uses the token id alone.",
+    "  two leading spaces",
+    " one leading space",
+    "trailing spaces   ",
+    "double  space  between  words",
+    "\ttab at start",
+    "tabs\tin\tthe\tmiddle",
+    "line one\nline two\n\nparagraph",
+    "\n",
+    "\n\n\n",
+    " ",
+    "   ",
+    "a",
+    "I",
+    "",
+    "don't can't won't it's",
+    "e.g. i.e. etc. U.S.A. 3.14159 1,000,000 2024-02-29",
+    "<s> and </s> and <unk> as literal text",
+    "<0x0A> is not a byte here",
+    "\u2581already marked",
+    "x\u2581y",
+]
+LATEX = [
+    r"\documentclass[11pt]{article}",
+    r"\usepackage{amsmath,amssymb}",
+    r"\begin{equation}",
+    r"  E = mc^2 \quad \text{and} \quad \int_0^\infty e^{-x^2}\,dx = \frac{\sqrt{\pi}}{2}",
+    r"\end{equation}",
+    r"% a comment with 100\% certainty",
+    r"$\alpha_{i,j}^{(k)} \leq \beta$",
+    r"\section*{Results} \label{sec:results}",
+    r"\[ \sum_{n=1}^{N} n = \frac{N(N+1)}{2} \]",
+]
+UNICODE = [
+    "naïve café coöperate façade jalapeño",
+    "Ærøskøbing ñandú Straße Œuvre",
+    "Ελληνικά κείμενο",
+    "Русский текст",
+    "日本語のテキストです。",
+    "中文文本测试",
+    "한국어 텍스트",
+    "עברית",
+    "العربية",
+    "हिन्दी पाठ",
+    "ไทย",
+    "emoji 😀🎉🚀 👩‍👩‍👧‍👦 🇫🇷 ✔️",
+    "math ∀x∈ℝ: x² ≥ 0, ∑ ∏ ∫ ≈ ≠ ∞",
+    "arrows → ← ↔ ⇒",
+    "€£¥₹ ©®™",
+    "zero\u200bwidth",
+    "combining e\u0301 vs é",
+    "\u00a0nbsp\u00a0",
+    "replacement \ufffd char",
+    "\x00\x01 control",
+    "ＦＵＬＬＷＩＤＴＨ",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙",
+]
+CODE = textwrap.dedent("""
+    def f(x):
+        if x:
+            return  x  +  1        # comment
+        else:
+            return [i for i in range(10)]
+
+
+    class A:
+    \tdef g(self):  # tab-indented
+    \t\tpass
+    for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }
+        }
+    x = {"a": 1, 'b': [1, 2, 3], "c": None}
+    """).splitlines()
+
+
+def _lines() -> list[str]:
+    src = inspect.getsource(textwrap).splitlines() + inspect.getsource(json.decoder).splitlines()
+    lines = PROSE + LATEX + UNICODE + CODE + src[:300]
+    blocks = ["\n".join(src[i : i + 15]) for i in range(0, 150, 15)]  # multi-line text with indentation
+    return lines + blocks
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOE_DATA_ROOT", str(tmp_path_factory.mktemp("data_root")))
+        yield T.load_tokenizer("mixtral")
+
+
+@pytest.fixture(scope="module")
+def sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(T.mixtral_model_path()))
+
+
+def test_mixtral_matches_sentencepiece_exactly(mixtral, sp):
+    lines = _lines()
+    assert len(lines) >= 300
+    encs = mixtral.encode_batch(lines, add_special_tokens=False)
+    mismatches = [(x, e.tokens) for x, e in zip(lines, encs) if e.ids != sp.encode(x)]
+    assert mismatches == []
+
+
+def test_mixtral_vocab_and_specials(mixtral, sp):
+    assert mixtral.get_vocab_size() == 32000 == sp.get_piece_size()
+    assert mixtral.token_to_id("<unk>") == 0
+    assert mixtral.token_to_id("<s>") == T.bos_id(mixtral) == sp.bos_id() == 1
+    assert mixtral.token_to_id("</s>") == T.eos_id(mixtral) == sp.eos_id() == 2
+    assert [mixtral.id_to_token(i) for i in (3, 258, 1000, 31999)] == [sp.id_to_piece(i) for i in (3, 258, 1000, 31999)]
+    assert mixtral.encode("<s>", add_special_tokens=False).ids != [1]  # literal text never becomes BOS
+
+
+def test_mixtral_decode_round_trip(mixtral, sp):
+    for line in _lines():
+        if "\u2581" in line:  # "▁" is SentencePiece's space marker: it decodes to " " in both
+            continue
+        ids = mixtral.encode(line, add_special_tokens=False).ids
+        assert mixtral.decode(ids) == line == sp.decode(ids)
+
+
+def test_mixtral_cache_and_fingerprint(mixtral):
+    from moe_variants import paths
+
+    cached = sorted(paths.tokenizers_dir().glob("mixtral-v1-*.json"))  # keyed by the .model's sha256
+    assert len(cached) == 1
+    assert T.tokenizer_fingerprint(T.load_tokenizer(str(cached[0]))) == T.tokenizer_fingerprint(mixtral)
+    assert T.tokenizer_fingerprint(T.load_tokenizer("mixtral")) == T.tokenizer_fingerprint(mixtral)
+    assert len(T.tokenizer_fingerprint(mixtral)) == 64
+
+
+def test_word_start_table(mixtral):
+    table = T.word_start_table_for(mixtral)
+    assert table.shape == (32000,) and table.dtype == torch.bool
+    ids = mixtral.encode("unbelievable, hello", add_special_tokens=False)
+    pieces = ids.tokens
+    assert pieces[0].startswith("\u2581") and table[ids.ids[0]]
+    assert table[:3].all()  # <unk>, <s>, </s>
+    assert table[mixtral.token_to_id("<0x0A>")]
+    assert not table[mixtral.token_to_id("able")]
+
+
+def test_trained_bpe_is_cached(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("MOE_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    texts = [" ".join(PROSE + LATEX + UNICODE) for _ in range(3)] + CODE
+    corpus = tmp_path / "corpus"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": texts, "domain": ["x"] * len(texts)}),
+            "validation": datasets.Dataset.from_dict({"text": ["v"], "domain": ["x"]}),
+        }
+    ).save_to_disk(str(corpus))
+    tok = T.load_tokenizer("bpe:300", corpus_dir=corpus)
+    assert tok.get_vocab_size() <= 300
+    assert (tok.token_to_id("<unk>"), tok.token_to_id("<s>"), tok.token_to_id("</s>")) == (0, 1, 2)
+    files = list((tmp_path / "tokenizers").glob("bpe-300-*.json"))
+    assert len(files) == 1
+    again = T.load_tokenizer("bpe:300", corpus_dir=corpus)
+    assert T.tokenizer_fingerprint(again) == T.tokenizer_fingerprint(tok)
+    assert tok.decode(tok.encode("hello world").ids) == "hello world"
+    assert T.word_start_table_for(tok).shape == (tok.get_vocab_size(),)
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="bpe:<vocab size>"):
+        T.load_tokenizer("bpe:lots")
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        T.load_tokenizer("/nonexistent/tokenizer.json")
