@@ -92,14 +92,16 @@ class RoutingResources:
         token_chunks: returns an iterable of (B, S) int64 token-id tensors of the training split.
         vocab_size: tokenizer vocabulary size.
         word_start_table: (V,) bool word-start table of the tokenizer.
-        tokenizer_fingerprint: identifies tokenizer (+corpus) so cached vocabularies are not mixed up.
+        tokenizer_fingerprint: identifies the tokenizer; saved with routing vocabularies and checked on load.
         cache_dir: where routing vocabularies are cached (None: no disk cache).
+        cache_key: identifies corpus + tokenizer for the disk cache (default: the tokenizer fingerprint).
     """
 
     def __init__(
         self, token_chunks: Callable[[], Iterable[torch.Tensor]], vocab_size: int, word_start_table: torch.Tensor,
-        tokenizer_fingerprint: str, cache_dir: str | Path | None = None,
+        tokenizer_fingerprint: str, cache_dir: str | Path | None = None, cache_key: str | None = None,
     ) -> None:
+        self.cache_key = cache_key or tokenizer_fingerprint
         self._token_chunks = token_chunks
         self.vocab_size = vocab_size
         self.word_start_table = word_start_table
@@ -110,9 +112,10 @@ class RoutingResources:
 
     @classmethod
     def from_datamodule(cls, dm, cache_dir: str | Path | None = None) -> RoutingResources:  # noqa: ANN001
-        """From a set-up data module exposing ``train_token_chunks()``, ``vocab_size``, ``word_start_table``
-        and ``tokenizer_fingerprint``."""
-        return cls(dm.train_token_chunks, dm.vocab_size, dm.word_start_table, dm.tokenizer_fingerprint, cache_dir)
+        """From a set-up data module exposing ``train_token_chunks()``, ``vocab_size``, ``word_start_table``,
+        ``tokenizer_fingerprint`` and ``data_fingerprint`` (corpus + tokenizer + packing)."""
+        return cls(dm.train_token_chunks, dm.vocab_size, dm.word_start_table, dm.tokenizer_fingerprint, cache_dir,
+                   cache_key=getattr(dm, "data_fingerprint", None))
 
     def token_counts(self) -> torch.Tensor:
         """(V,) float64 occurrences of each token id in the training split."""
@@ -131,7 +134,7 @@ class RoutingResources:
             return self._vocabs[key]
         path = None
         if self.cache_dir is not None:
-            tag = hashlib.sha256(f"{self.tokenizer_fingerprint}-{key}-v{ROUTING_VOCAB_VERSION}".encode()).hexdigest()
+            tag = hashlib.sha256(f"{self.cache_key}-{key}-v{ROUTING_VOCAB_VERSION}".encode()).hexdigest()
             path = self.cache_dir / f"routing_vocab-{size}-{num_buckets}-{max_len}-{tag[:16]}.pt"
         if path is not None and path.is_file():
             vocab = RoutingVocab(**torch.load(path))
