@@ -1,0 +1,189 @@
+"""``moe-analyze``: the Mixtral paper's routing analysis (and OLMoE's) for any checkpoint, as files and W&B.
+
+    moe-analyze ckpt=runs/default/topk-s0                      # our run dir or .ckpt, any router
+    moe-analyze ckpt=/path/to/hf-mixtral-dir name=mixtral      # an HF Mixtral checkpoint directory
+
+Runs the checkpoint over the validation split of each domain and writes ``results/<name>/``:
+``table5.md`` / ``table5.csv`` (consecutive repeat rates per domain and layer, Mixtral Table 5),
+``load_per_domain.png`` (Figure 7), ``load_heatmap.png`` (layers x experts), ``repeat_rates.png``
+(Figure 10), ``tokens.html`` (Figure 8), ``metrics.json`` (everything, per layer).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moe_variants import analysis as A
+from moe_variants.model import Transformer
+from moe_variants.paths import REPO_ROOT
+
+
+def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
+    """Our checkpoint (file or run dir) or an HF Mixtral directory -> (model, data settings)."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        from moe_variants.hf import load_hf
+
+        return load_hf(p).eval(), {"tokenizer": "mixtral", "source": "hf"}
+    if not p.exists():
+        raise FileNotFoundError(f"ckpt={path} does not exist: give a .ckpt file, a run dir or an HF Mixtral dir")
+    from moe_variants.checkpoint import load_model
+
+    model, cfg = load_model(p)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
+    return model, {"tokenizer": data.get("tokenizer", "mixtral"), "seq_len": data.get("seq_len"), "source": "ours",
+                   "router": OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else None}
+
+
+@torch.no_grad()
+def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[str, Any]:
+    """Run every domain's validation loader; keep per-layer expert ids, logits and the batch annotations."""
+    keep: dict[str, list] = {k: [] for k in ("input_ids", "domain_ids", "span_start", "doc_start", "loss")}
+    experts: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    entropy: list[list[float]] = [[] for _ in model.layers]
+    for loader in loaders:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = model(batch["input_ids"], labels=batch["labels"], span_start=batch["span_start"])
+            for k in ("input_ids", "domain_ids", "span_start", "doc_start"):
+                keep[k].append(batch[k])
+            keep["loss"].append(torch.full((batch["input_ids"].shape[0],), float(out.lm_loss)))
+            for layer, r in enumerate(out.routing):
+                experts[layer].append(r.expert_ids)
+                if r.logits is not None:
+                    entropy[layer].append(A.router_entropy(r.logits))
+    data = {k: torch.cat(v) for k, v in keep.items()}
+    data["expert_ids"] = [torch.cat(e) for e in experts]  # per layer (N, S, K)
+    data["entropy"] = [sum(e) / len(e) if e else None for e in entropy]
+    return data
+
+
+def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces: list[str], out: Path,
+            view_layers: list[int]) -> dict[str, Any]:
+    E, K = model.args.num_experts, model.args.num_experts_per_tok
+    n_layers, D = len(data["expert_ids"]), len(domains)
+    dom, doc, spans, ids = data["domain_ids"], data["doc_start"], data["span_start"], data["input_ids"]
+    per_layer: list[dict[str, Any]] = []
+    loads = {}
+    for layer, eids in enumerate(data["expert_ids"]):
+        rates = A.repeat_rates_per_domain(eids, dom, D, doc_start=doc)
+        overall = A.consecutive_repeat_rates(eids, doc_start=doc)
+        load_DE = A.expert_load_per_domain(eids, dom, E, D)
+        loads[layer] = load_DE
+        load = A.expert_load(eids, E)
+        per_layer.append({
+            "layer": layer,
+            "repeat_first": overall["first"], "repeat_any": overall["any"],
+            "repeat_first_per_domain": dict(zip(domains, rates["first"].tolist())),
+            "repeat_any_per_domain": dict(zip(domains, rates["any"].tolist())),
+            "expert_load": load.tolist(), "load_balance": A.load_balance_stats(load),
+            "expert_load_per_domain": {d: row for d, row in zip(domains, load_DE.tolist())},
+            "domain_specialization": {d: row for d, row in zip(domains, A.domain_specialization(eids, dom, E, D).tolist())},
+            "coactivation": A.expert_coactivation(eids, E).tolist() if K > 1 else None,
+            "vocabulary_specialization": A.vocabulary_specialization(eids, ids, E, min_count=10),
+            "token_id_predictability": A.token_id_predictability(eids, ids),
+            "span_coherence": A.span_coherence(eids, spans, doc_start=doc),
+            "router_entropy": data["entropy"][layer],
+        })
+    baselines = A.random_repeat_baselines(E, K)
+    loss_per_domain = {d: float(data["loss"][(dom[:, 0] == i)].mean()) for i, d in enumerate(domains)
+                       if (dom[:, 0] == i).any()}
+    metrics = {"domains": domains, "num_experts": E, "top_k": K, "causal": model.causal,
+               "routers": [r.describe() for r in model.routers[:1]], "baselines": baselines,
+               "val_loss_per_domain": loss_per_domain, "layers": per_layer}
+    out.mkdir(parents=True, exist_ok=True)
+    write_table5(per_layer, domains, baselines, out)
+    A.plot_load_per_domain({layer: loads[layer] for layer in view_layers}, domains, out / "load_per_domain.png")
+    A.plot_load_heatmap(torch.stack([torch.tensor(p["expert_load"]) for p in per_layer]), out / "load_heatmap.png")
+    A.plot_repeat_rates({"first": {d: [p["repeat_first_per_domain"][d] for p in per_layer] for d in domains},
+                         "any": {d: [p["repeat_any_per_domain"][d] for p in per_layer] for d in domains}},
+                        baselines, out / "repeat_rates.png")
+    (out / "tokens.html").write_text(token_page(data, domains, pieces, view_layers, E))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def write_table5(per_layer: list[dict], domains: list[str], baselines: dict, out: Path) -> None:
+    header = ["domain"] + [f"first L{p['layer']}" for p in per_layer] + [f"any L{p['layer']}" for p in per_layer]
+    rows = [[d] + [p["repeat_first_per_domain"][d] for p in per_layer] + [p["repeat_any_per_domain"][d]
+                                                                           for p in per_layer] for d in domains]
+    rows.append(["random baseline"] + [baselines["first"]] * len(per_layer) + [baselines["any"]] * len(per_layer))
+    with open(out / "table5.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join([r[0]] + [f"{100 * v:.1f}%" for v in r[1:]]) + " |" for r in rows]
+    (out / "table5.md").write_text(
+        "Share of consecutive token pairs (same document) whose first-choice expert repeats (`first`) or whose "
+        "top-K sets overlap (`any`), per domain and layer (Mixtral Table 5).\n\n" + "\n".join(md) + "\n")
+
+
+def token_page(data: dict, domains: list[str], pieces: list[str], layers: list[int], E: int, n_tokens: int = 160) -> str:
+    sections = []
+    for i, d in enumerate(domains):
+        rows = (data["domain_ids"][:, 0] == i).nonzero().flatten()
+        if not len(rows):
+            continue
+        row = int(rows[0])
+        toks = data["input_ids"][row, :n_tokens].tolist()
+        for layer in layers:
+            first = data["expert_ids"][layer][row, :n_tokens, 0].tolist()
+            sections.append(A.token_html([pieces[t] for t in toks], first, E, title=f"{d}, layer {layer}"))
+    return A.token_html_page(sections)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    model, info = load_any(cfg.ckpt)
+    n_layers = len(model.layers)
+    view = list(cfg.layers) if cfg.layers else sorted({0, n_layers // 2, n_layers - 1})
+    bad = [layer for layer in view if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    from moe_variants.data.datamodule import CorpusDataModule
+
+    dm = CorpusDataModule(corpus_dir=cfg.corpus_dir, tokenizer=info["tokenizer"],
+                          seq_len=cfg.seq_len or info.get("seq_len") or 256, batch_size=cfg.batch_size,
+                          domains=list(cfg.domains) if cfg.domains else None,
+                          val_sequences_per_domain=cfg.sequences_per_domain)
+    dm.setup("validate")
+    if dm.vocab_size != model.args.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {dm.vocab_size} != model.vocab_size {model.args.vocab_size}")
+    data = collect(model, dm.val_dataloader(), None)
+    name = cfg.name or Path(cfg.ckpt).resolve().name.replace(".ckpt", "")
+    out = Path(cfg.results_dir) / name
+    pieces = [dm.tokenizer.id_to_token(i) or "" for i in range(dm.vocab_size)]
+    metrics = analyze(model, data, dm.domains, pieces, out, view)
+    metrics["checkpoint"] = str(cfg.ckpt)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if cfg.wandb:
+        log_wandb(metrics, out, name)
+    print(f"wrote {out}/: table5.md table5.csv load_per_domain.png load_heatmap.png repeat_rates.png tokens.html "
+          f"metrics.json")
+    return metrics
+
+
+def log_wandb(metrics: dict, out: Path, name: str) -> None:
+    import wandb
+
+    run = wandb.init(project="moe-variants", group="analysis", name=f"analyze-{name}", dir=str(out),
+                     mode="offline", config={"checkpoint": metrics["checkpoint"]})
+    with open(out / "table5.csv") as f:
+        rows = list(csv.reader(f))
+    run.log({"table5": wandb.Table(columns=rows[0], data=rows[1:]),
+             **{k: wandb.Image(str(out / f"{k}.png")) for k in ("load_per_domain", "load_heatmap", "repeat_rates")},
+             "tokens": wandb.Html(str(out / "tokens.html"))})
+    for p in metrics["layers"]:
+        run.log({f"layer/{k}": v for k, v in p.items() if isinstance(v, (int, float))})
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    run(cfg)

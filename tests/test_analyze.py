@@ -1,0 +1,97 @@
+"""moe-analyze end to end on tiny checkpoints (ours with a hash router, and an HF Mixtral directory)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moe_variants import ModelArgs, Transformer
+from moe_variants.analyze import run
+from moe_variants.checkpoint import CONFIG_KEY
+from moe_variants.hf import save_hf
+
+ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=32000, num_experts=4,
+            num_experts_per_tok=2, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import datasets
+
+    root = tmp_path_factory.mktemp("analyze_data")
+    texts = {"prose": "It was a fine morning, and Emma walked {i} miles to Highbury. ",
+             "code": "    def f{i}(x):\n        return x * {i}\n"}
+    rows = {s: {"text": [], "domain": [], "source": []} for s in ("train", "validation")}
+    for d, t in texts.items():
+        for i in range(30):
+            split = "validation" if i % 3 == 0 else "train"
+            rows[split]["text"].append(t.format(i=i) * 12)
+            rows[split]["domain"].append(d)
+            rows[split]["source"].append(d)
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()}).save_to_disk(str(root / "corpus"))
+    (root / "corpus" / "manifest.json").write_text(json.dumps({"corpus_sha256": "analyze-tiny"}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf_cache"))
+        yield root / "corpus"
+
+
+def cfg(ckpt, corpus, out, **kw):
+    base = dict(ckpt=str(ckpt), name="t", results_dir=str(out), corpus_dir=str(corpus), domains=None,
+                sequences_per_domain=3, seq_len=64, batch_size=2, layers=None, wandb=False)
+    return OmegaConf.create({**base, **kw})
+
+
+def our_checkpoint(path):
+    config = {"model": ARGS, "experts": {"impl": "loop"},
+              "router": {"_target_": "moe_variants.routers.hash.HashRouter", "_partial_": True, "table": "random",
+                         "weights": "uniform", "seed": 0, "num_buckets": 64},
+              "data": {"tokenizer": "mixtral", "seq_len": 64}}
+    from functools import partial
+
+    from moe_variants.routers.hash import HashRouter
+
+    model = Transformer(ModelArgs(**ARGS), router=partial(HashRouter, num_buckets=64))
+    torch.save({CONFIG_KEY: config, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+FILES = ("table5.md", "table5.csv", "load_per_domain.png", "load_heatmap.png", "repeat_rates.png", "tokens.html",
+         "metrics.json")
+
+
+def test_analyze_our_checkpoint_writes_every_file(corpus, tmp_path):
+    ckpt = our_checkpoint(tmp_path / "hash.ckpt")
+    metrics = run(cfg(ckpt, corpus, tmp_path / "res"))
+    out = tmp_path / "res" / "t"
+    for f in FILES:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert metrics["domains"] == ["code", "prose"] and len(metrics["layers"]) == 2
+    # hash routing is a pure function of the token id
+    assert all(layer["token_id_predictability"] == 1.0 for layer in metrics["layers"])
+    table = (out / "table5.md").read_text()
+    assert "| code |" in table and "random baseline" in table
+
+
+def test_analyze_hf_mixtral_directory(corpus, tmp_path):
+    torch.manual_seed(0)
+    save_hf(Transformer(ModelArgs(**ARGS)), tmp_path / "hf")
+    metrics = run(cfg(tmp_path / "hf", corpus, tmp_path / "res", layers=[1]))
+    assert metrics["routers"] == ["topk(k=2)"]
+    assert 0 <= metrics["layers"][0]["repeat_first"] <= 1
+
+
+def test_analyze_bad_input(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(cfg(tmp_path / "nope.ckpt", corpus, tmp_path))
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_text("not a checkpoint")
+    with pytest.raises(Exception, match="(?i)checkpoint"):
+        run(cfg(bogus, corpus, tmp_path))
+    ckpt = our_checkpoint(tmp_path / "hash.ckpt")
+    with pytest.raises(ValueError, match="out of range"):
+        run(cfg(ckpt, corpus, tmp_path, layers=[5]))
+    with pytest.raises(ValueError, match="(?i)domain"):
+        run(cfg(ckpt, corpus, tmp_path, domains=["pubmed"]))
