@@ -4,8 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # ----------------------------------------------------------------------------------------------------------------
-# (venv creation / `pip install -e .[dev]` goes here: owned by the lead)
+# PYTHON: .venv with torch pinned to the CPU build on this kind of machine (an open range would pull a multi-GB
+#   CUDA build; on a GPU machine set MOE_TORCH to the torch you want, e.g. MOE_TORCH="torch>=2.11"), then the
+#   package, editable, with its test extras. pip (not uv/poetry) so a local wheel folder is honoured.
 # ----------------------------------------------------------------------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q "${MOE_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev]"
 
 # ================================================================================================================
 # DATA: download the Debian packages the corpus reads, then build DATA_ROOT/corpus with `moe-data`.
