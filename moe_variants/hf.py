@@ -160,6 +160,7 @@ def load_hf(path: str | Path, experts: str = "loop", dtype: torch.dtype | None =
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.to_empty(device="cpu")
+    model.init_rope()
     load_state_dict_checked(model, state, f"HF checkpoint {path}")
     return model
 
