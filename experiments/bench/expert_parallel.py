@@ -1,0 +1,225 @@
+"""Expert parallelism, 1 GPU vs W GPUs: same config, same seed, same global batch; losses and tokens/s.
+
+Run with one process per GPU; rank 0 first trains the plain single-GPU model on the whole global batch (the
+other ranks wait), then all ranks train the expert-parallel model (each rank: E/W experts, B/W sequences,
+all-to-all token dispatch, ``parallel.sync_expert_parallel_grads``, EP-aware grad clipping). Both runs use
+AdamW, grad clipping at 1.0, the LM loss only (per-rank aux losses are not the global-batch ones), and the
+same seeded random tokens. Rank 0 writes ``expert_parallel.json`` and ``expert_parallel.md`` to ``--out`` and
+the script exits 1 when the per-step losses differ by more than ``--tol``.
+
+    torchrun --nproc-per-node 2 experiments/bench/expert_parallel.py --out results/bench/ep   # GPU: model=gpu_small
+    torchrun --nproc-per-node 2 experiments/bench/expert_parallel.py --device cpu --out /tmp/ep model=tiny
+
+Trailing ``key=value`` arguments are Hydra overrides of ``conf/config.yaml`` (``model=gpu_medium router=hash
+model.num_experts=8``). Throughput is strong scaling: tokens/s of W GPUs on the global batch over tokens/s of
+one GPU on the same batch (so the single-GPU run must fit that batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpu_small router=hash")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="results/bench/expert_parallel")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps (still compared)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences), split over the ranks")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--precision", choices=["bf16-mixed", "32"], default=None,
+                   help="default: bf16-mixed on cuda, 32 on cpu")
+    p.add_argument("--tol", type=float, default=None, help="max |loss diff| (default 2e-2 bf16, 1e-4 fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    a = p.parse_args(argv)
+    a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32")
+    a.tol = a.tol if a.tol is not None else (2e-2 if a.precision == "bf16-mixed" else 1e-4)
+    return a
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """torchrun's env (or a one-process group when started with plain python)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def compose(a: argparse.Namespace) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    defaults = {"model": "gpu_small" if a.device == "cuda" else "tiny",
+                "experts": "grouped" if a.device == "cuda" else "loop"}
+    given = {o.split("=", 1)[0] for o in a.overrides}
+    overrides = [f"{k}={v}" for k, v in defaults.items() if k not in given] + list(a.overrides)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides), overrides
+
+
+def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random tokens (steps, B, S), next-token labels (last position ignored), a word-start table."""
+    g = torch.Generator().manual_seed(a.seed + 1)
+    ids = torch.randint(0, vocab, (a.steps, a.batch_size, a.seq_len), generator=g)
+    labels = ids.roll(-1, dims=-1)
+    labels[..., -1] = -100
+    word_start = torch.rand(vocab, generator=g) < 0.3  # so that word-span routers run on synthetic text
+    return ids, labels, word_start
+
+
+def build(cfg: Any, a: argparse.Namespace, word_start: torch.Tensor, dev: torch.device, ep: bool) -> torch.nn.Module:
+    from moe_variants import parallel
+    from moe_variants.build import build_model
+
+    torch.manual_seed(a.seed)
+    model = build_model(cfg, word_start_table=word_start)
+    if ep:
+        parallel.apply_expert_parallel(model)  # slices the same full init on every rank
+    return model.to(dev).train()
+
+
+def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: argparse.Namespace,
+          dev: torch.device, ep: bool) -> dict[str, Any]:
+    """Train ``a.steps`` steps on this rank's rows; returns the global-batch losses and timing."""
+    from moe_variants import parallel
+
+    W, r = (dist.get_world_size(), dist.get_rank()) if ep else (1, 0)
+    rows = slice(r * a.batch_size // W, (r + 1) * a.batch_size // W)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr,
+                            betas=(0.9, 0.95), weight_decay=0.1)
+    fwd = torch.compile(model) if a.compile else model
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16-mixed")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    losses, t0 = [], None
+    for step in range(a.steps):
+        if step == a.warmup:
+            sync()
+            if ep:
+                dist.barrier()
+            t0 = time.perf_counter()
+        x, y = ids[step, rows].to(dev, non_blocking=True), labels[step, rows].to(dev, non_blocking=True)
+        with autocast:
+            loss = fwd(x, labels=y).lm_loss
+        loss.backward()
+        if ep:
+            parallel.sync_expert_parallel_grads(model)
+            parallel.clip_grad_norm_(model, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.detach().float()
+        if ep:  # the global-batch loss: every rank has the same number of labelled tokens
+            dist.all_reduce(loss)
+            loss /= W
+        losses.append(float(loss))  # (a host sync per step, as a logger would)
+    sync()
+    elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+    timed = a.steps - a.warmup
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+    if ep and dev.type == "cuda":
+        t = torch.tensor([peak], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peak = float(t)
+    return {"losses": losses, "step_time_s": elapsed / max(timed, 1),
+            "tokens_per_s": a.batch_size * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
+            "peak_mem_gib_per_rank": peak}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s, e = res["single"], res["ep"]
+    precision = "fp32" if res["precision"] == "32" else res["precision"]
+    lines = [
+        f"# Expert parallelism: 1 vs {res['world_size']} {res['device']} ranks",
+        "",
+        f"`{' '.join(res['overrides'])}`, global batch {res['batch_size']} x {res['seq_len']} tokens, "
+        f"{precision}, {res['steps']} steps ({res['warmup']} untimed), seed {res['seed']}, "
+        f"{res['num_experts']} experts ({res['num_experts'] // res['world_size']} per rank).",
+        "",
+        "| run | tokens/s | step time (s) | peak mem / rank (GiB) | final loss |",
+        "|---|---:|---:|---:|---:|",
+        f"| 1 rank | {s['tokens_per_s']:.0f} | {s['step_time_s']:.4f} | {s['peak_mem_gib_per_rank']:.2f} | "
+        f"{s['losses'][-1]:.5f} |",
+        f"| EP x{res['world_size']} | {e['tokens_per_s']:.0f} | {e['step_time_s']:.4f} | "
+        f"{e['peak_mem_gib_per_rank']:.2f} | {e['losses'][-1]:.5f} |",
+        "",
+        f"Speedup {res['speedup']:.2f}x; max |loss difference| over all steps {res['max_abs_loss_diff']:.2e} "
+        f"(tolerance {res['tol']:.0e}): {'match' if res['losses_match'] else 'MISMATCH'}.",
+        "",
+        "| step | 1 rank | EP |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {i} | {x:.6f} | {y:.6f} |" for i, (x, y) in enumerate(zip(s["losses"], e["losses"]))]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    rank, world, dev = init_distributed(a.device)
+    try:
+        if a.batch_size % world:
+            raise ValueError(f"--batch-size {a.batch_size} must be divisible by the world size {world}")
+        cfg, overrides = compose(a)
+        ids, labels, word_start = make_data(a, int(cfg.model.vocab_size))
+        single = None
+        if rank == 0:  # the reference: one device, the whole global batch
+            single = train(build(cfg, a, word_start, dev, ep=False), ids, labels, a, dev, ep=False)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        dist.barrier()
+        ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, ep=True)
+        if rank != 0:
+            return 0
+        diff = max(abs(x - y) for x, y in zip(single["losses"], ep["losses"]))
+        res = {
+            "world_size": world, "device": a.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else platform.processor(), "torch": torch.__version__, "overrides": overrides,
+            "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
+            "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
+            "compile": a.compile, "single": single, "ep": ep, "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
+            "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol,
+        }
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "expert_parallel.json").write_text(json.dumps(res, indent=2))
+        md = markdown(res)
+        (out / "expert_parallel.md").write_text(md)
+        print(md)
+        return 0 if res["losses_match"] else 1
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Expert parallelism (EP): each rank of an EP group holds E / W experts; token copies travel to their experts'
+ranks and back with all-to-all. Attention, norms, embeddings, the LM head and the router stay replicated and
+data-parallel (every rank routes its own tokens with the same router weights).
+
+Pieces, usable from a plain training loop or from Lightning hooks:
+
+- :class:`AllToAllDispatcher`: drop-in for ``experts.LocalDispatcher`` (same ``dispatch`` / ``combine``);
+- :func:`apply_expert_parallel`: turn a full model (built with the same seed on every rank) into this rank's
+  EP model: slice each layer's fused ``w13``/``w2`` to experts ``[rank*E/W, (rank+1)*E/W)`` and swap in the
+  all-to-all dispatcher;
+- :func:`sync_expert_parallel_grads` (or :func:`scale_expert_grads` when DDP already averages the dense
+  gradients) and :func:`clip_grad_norm_`: gradients equal to those of one process on the whole batch;
+- :func:`gather_state_dict` / :func:`shard_state_dict` / :func:`load_state_dict_resharded`: checkpoints hold
+  full (gathered) expert tensors, so they load on any world size, on one GPU and on CPU (``hf.save_hf`` too).
+
+Gradient maths (EP group = the W data-parallel ranks; every rank holds B/W sequences with the same number of
+labelled tokens). The single-process loss on the whole batch is ``L = (1/W) sum_r L_r`` with ``L_r`` the mean
+loss of rank r's tokens, so the target gradient is ``(1/W) sum_r dL_r/dtheta``. Each rank runs backward on its
+own ``L_r`` only:
+
+- a dense (replicated) parameter gets ``dL_r/dtheta`` on rank r (the gradient of rank r's tokens reaches it
+  back through the all-to-all); the mean over ranks (DDP's all-reduce / W) is the target;
+- an expert parameter lives on one rank s, and the all-to-all backward brings it the gradient from *every*
+  rank's tokens: ``sum_r dL_r/dW_s``. It must not be averaged across the EP group (the ranks hold different
+  experts) and it is already a sum over ranks, so it is divided by W to get the target.
+
+With hybrid parallelism (world = D replicas x an EP group of W), expert grads are divided by W and then
+averaged over the D ranks holding the same experts (``expert_replica_group``); dense grads are averaged over
+the whole world. If ranks hold different numbers of labelled tokens, the per-rank mean losses are weighted
+equally, exactly as with plain DDP.
+
+Only the exchange of per-expert group sizes syncs with the host (the row split sizes of the all-to-all must
+be Python ints); everything else stays on the device.
+
+Shape legend: T tokens on this rank, K experts per token, N = T*K routed copies, D model dim, E experts,
+W EP group size, L = E / W local experts, R rows received by this rank.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_variants.experts import Dispatched, Experts, LocalDispatcher
+
+EXPERT_KEY = re.compile(r"(^|\.)experts\.(w13|w2)$")  # state-dict keys of expert weights (any prefix)
+
+
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:
+    """Autograd-aware all-to-all of rows (backward is the reverse all-to-all).
+
+    ``_functional_collectives.all_to_all_single_autograd`` is what ``torch.distributed.nn.functional.
+    all_to_all_single`` (deprecated in torch 2.13, a FutureWarning on every call) now points to; it also works
+    under ``torch.compile``.
+    """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    out = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+    return out.wait() if hasattr(out, "wait") else out
+
+
+def local_expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """``[lo, hi)``: the global ids of the experts that EP rank ``ep_rank`` of ``ep_size`` holds."""
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size}: choose an "
+            f"expert-parallel size dividing num_experts (e.g. {_divisors(num_experts)}) or change model.num_experts"
+        )
+    n = num_experts // ep_size
+    return ep_rank * n, (ep_rank + 1) * n
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class AllToAllDispatched(Dispatched):
+    """``Dispatched`` plus what the return trip needs. ``x``/``tokens_per_expert`` are for the L *local* experts;
+    ``order`` is, as in ``LocalDispatcher``, the flat (T*K) position of each copy this rank sent, sorted by
+    global expert."""
+
+    regroup: torch.Tensor  # (R,) received row (by source rank, then local expert) of each expert-grouped row
+    send_splits: list[int]  # rows sent to each rank
+    recv_splits: list[int]  # rows received from each rank
+
+
+class AllToAllDispatcher:
+    """Dispatch token copies to the ranks holding their experts, combine the results back (same interface as
+    ``LocalDispatcher``).
+
+    dispatch: sort the T*K copies by global expert (= by destination rank), exchange the per-expert counts
+    (``all_to_all_single`` on E ints: rank s learns how many rows it gets from each rank for each of its
+    experts), send the rows, regroup the received rows by local expert. combine: undo the regrouping, send the
+    rows back, undo the sort and sum each token's K outputs with the router weights.
+    """
+
+    def __init__(self, group: Any, num_experts: int) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+        self.ep_size = dist.get_world_size(self.group)
+        self.ep_rank = dist.get_rank(self.group)
+        self.num_experts = num_experts
+        lo, hi = local_expert_range(num_experts, self.ep_size, self.ep_rank)
+        self.num_local_experts = hi - lo
+        self._local = LocalDispatcher(num_experts)  # sort by global expert; unsort + weighted sum
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> AllToAllDispatched:
+        W, L = self.ep_size, self.num_local_experts
+        d = self._local.dispatch(x_TD, expert_ids_TK)  # x (N, D) sorted by global expert; counts (E,)
+        counts_E = d.tokens_per_expert
+        recv_counts = torch.empty_like(counts_E)  # [s*L + l]: rows rank s sends to my local expert l
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        # the one host sync: all_to_all row splits must be Python ints (one device->host copy for both)
+        send_splits, recv_splits = torch.stack([counts_E.view(W, L).sum(1), recv_counts.view(W, L).sum(1)]).tolist()
+        x_recv = _all_to_all(d.x, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
+        R = sum(recv_splits)
+        local_ids = torch.arange(L, device=x_TD.device).repeat(W).repeat_interleave(recv_counts, output_size=R)
+        regroup = local_ids.argsort(stable=True)  # stable: by source rank, then token order, inside an expert
+        return AllToAllDispatched(
+            x=x_recv[regroup], tokens_per_expert=recv_counts.view(W, L).sum(0), order=d.order, regroup=regroup,
+            send_splits=send_splits, recv_splits=recv_splits,
+        )
+
+    def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, d: AllToAllDispatched) -> torch.Tensor:
+        y_recv = torch.empty_like(y_RD)
+        y_recv[d.regroup] = y_RD  # back to (source rank, local expert) order
+        y_sorted = _all_to_all(y_recv, d.send_splits, d.recv_splits, self.group)  # (N, D) by global expert
+        return self._local.combine(y_sorted, weights_TK, d)
+
+
+# -- applying EP to a model ----------------------------------------------------------------------------------
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    from moe_variants.model import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def ep_group_of(model: nn.Module) -> tuple[Any, int, int]:
+    """(group, ep_size, ep_rank) of a model's expert parallelism; (None, 1, 0) without EP."""
+    for moe in moe_layers(model):
+        if isinstance(moe.dispatcher, AllToAllDispatcher):
+            return moe.dispatcher.group, moe.dispatcher.ep_size, moe.dispatcher.ep_rank
+    return None, 1, 0
+
+
+def apply_expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
+    """Make ``model`` (the full model, initialised identically on every rank: same seed) this rank's EP model,
+    in place: each MoE layer keeps experts ``[rank*E/W, (rank+1)*E/W)`` of the EP ``group`` (default: the
+    world) and dispatches with :class:`AllToAllDispatcher`. Returns ``model``.
+
+    Slicing a full initialisation keeps EP runs bit-identical to single-process ones at step 0; the full expert
+    weights exist briefly on every rank (build on CPU first for models whose experts do not fit one GPU).
+    """
+    group = group if group is not None else dist.group.WORLD
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("apply_expert_parallel: the model has no MoE layers")
+    for moe in layers:
+        if isinstance(moe.dispatcher, AllToAllDispatcher):
+            raise ValueError("apply_expert_parallel: the model is already expert-parallel")
+        full: Experts = moe.experts
+        lo, hi = local_expert_range(full.num_experts, W, rank)
+        local = type(full)(dim=full.dim, hidden_dim=full.hidden_dim, num_experts=hi - lo)
+        local.to(device=full.w13.device, dtype=full.w13.dtype)
+        with torch.no_grad():
+            local.w13.copy_(full.w13[lo:hi])
+            local.w2.copy_(full.w2[lo:hi])
+        local.train(full.training)
+        moe.experts = local
+        moe.dispatcher = AllToAllDispatcher(group, full.num_experts)
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that are local to an EP rank (the sharded experts of every MoE layer)."""
+    return [p for moe in moe_layers(model) if isinstance(moe.dispatcher, AllToAllDispatcher)
+            for p in moe.experts.parameters()]
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The replicated (data-parallel) parameters: everything but the EP experts."""
+    local = {id(p) for p in expert_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in local]
+
+
+def expert_parameter_names(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names (with ``prefix``, e.g. ``"model."`` inside a LightningModule) of the EP expert parameters: what
+    DDP must not average (``module._ddp_params_and_buffers_to_ignore``)."""
+    local = {id(p) for p in expert_parameters(model)}
+    return [prefix + n for n, p in model.named_parameters() if id(p) in local]
+
+
+# -- gradients -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def scale_expert_grads(model: nn.Module, expert_replica_group: Any = None) -> None:
+    """Expert grads: divide by the EP size W (the all-to-all backward already summed every rank's tokens,
+    each rank's loss being its own mean), then average over ``expert_replica_group`` (ranks holding the same
+    experts in hybrid EP x DP; None = no replicas). Call after backward when DDP averages the dense grads."""
+    _, W, _ = ep_group_of(model)
+    grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if not grads:
+        return
+    torch._foreach_div_(grads, float(W))
+    if expert_replica_group is not None and dist.get_world_size(expert_replica_group) > 1:
+        _all_reduce_mean(grads, expert_replica_group)
+
+
+@torch.no_grad()
+def sync_expert_parallel_grads(model: nn.Module, dense_group: Any = None, expert_replica_group: Any = None) -> None:
+    """Gradient sync for a plain loop (no DDP): average dense grads over ``dense_group`` (default: the world),
+    scale expert grads (see :func:`scale_expert_grads`). Afterwards every rank's dense grads and its expert
+    shard's grads equal those of one process on the whole (global) batch. Dense params without a grad get
+    zeros (every rank must all-reduce the same tensors)."""
+    group = dense_group if dense_group is not None else dist.group.WORLD
+    dense = [p for p in dense_parameters(model) if p.requires_grad]
+    for p in dense:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dense and dist.get_world_size(group) > 1:
+        _all_reduce_mean([p.grad for p in dense], group)
+    scale_expert_grads(model, expert_replica_group)
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], group: Any) -> None:
+    """One flat all-reduce per dtype (few large messages instead of one per parameter)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    n = dist.get_world_size(group)
+    for ts in by_dtype.values():
+        flat = _flatten_dense_tensors(ts)
+        dist.all_reduce(flat, group=group)
+        flat.div_(n)
+        for t, synced in zip(ts, _unflatten_dense_tensors(flat, ts)):
+            t.copy_(synced)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """EP-aware global gradient-norm clipping (after the grad sync). The norm of the whole model is
+    ``sqrt(|dense|^2 + sum over EP ranks |expert shard|^2)``; clipping by a per-rank norm would scale the
+    replicated dense grads differently on each rank and make the replicas drift apart. Returns the norm."""
+    group, W, _ = ep_group_of(model)
+    dense = [p.grad for p in dense_parameters(model) if p.grad is not None]
+    experts = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if not dense and not experts:
+        return torch.zeros(())
+
+    def sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        device = (dense or experts)[0].device
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+
+    expert_sq = sq(experts)
+    if W > 1:
+        dist.all_reduce(expert_sq, group=group)
+    total = (sq(dense) + expert_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in dense + experts:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+# -- state dicts ---------------------------------------------------------------------------------------------
+def is_expert_key(key: str) -> bool:
+    return EXPERT_KEY.search(key) is not None
+
+
+def shard_state_dict(
+    state: dict[str, torch.Tensor], num_experts: int, ep_size: int, ep_rank: int
+) -> dict[str, torch.Tensor]:
+    """A full state dict -> the one of EP rank ``ep_rank`` of ``ep_size`` (expert tensors sliced on dim 0;
+    everything else shared, not copied)."""
+    lo, hi = local_expert_range(num_experts, ep_size, ep_rank)
+    out = {}
+    for k, v in state.items():
+        if is_expert_key(k):
+            _check_rows(k, v, num_experts, num_experts, ep_size)
+            v = v[lo:hi]
+        out[k] = v
+    return out
+
+
+def _check_rows(key: str, t: torch.Tensor, expected: int, num_experts: int, ep_size: int) -> None:
+    rows = t.shape[0]
+    if rows == expected:
+        return
+    if rows and num_experts % rows == 0:
+        saved = num_experts // rows
+        raise ValueError(
+            f"{key} holds {rows} of the {num_experts} experts: it was saved with ep_size={saved} (one rank's "
+            f"shard), this run uses ep_size={ep_size}: gather it with moe_variants.parallel.gather_state_dict on "
+            f"{saved} ranks (checkpoints should hold full expert tensors), or run with ep_size={saved}"
+        )
+    raise ValueError(
+        f"{key} has {rows} experts but the model has num_experts={num_experts}: the checkpoint is from another "
+        f"model config"
+    )
+
+
+@torch.no_grad()
+def gather_state_dict(model: nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The full (single-process) state dict of an EP model: expert shards all-gathered along the expert dim
+    (a collective: every rank of the EP group must call it; every rank gets the result). Without EP, the
+    model's own state dict."""
+    group, W, _ = ep_group_of(model)
+    state = model.state_dict()
+    out = {}
+    for k, v in state.items():
+        if W > 1 and is_expert_key(k):
+            parts = [torch.empty_like(v) for _ in range(W)]
+            dist.all_gather(parts, v.contiguous(), group=group)
+            v = torch.cat(parts)
+        if isinstance(v, torch.Tensor):  # (routers may keep non-tensor ``_extra_state``)
+            v = v.detach().cpu() if to_cpu else v.detach()
+        out[k] = v
+    return out
+
+
+def load_state_dict_resharded(
+    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+) -> Any:
+    """Load a full state dict (what checkpoints hold) into ``model`` whatever its EP size: expert tensors are
+    sliced to this rank's experts. A shard saved by one rank of an EP run loads only into the same rank of the
+    same EP size; any other expert shape fails with a ``ValueError`` saying how to fix it."""
+    _, W, rank = ep_group_of(model)
+    E = model.args.num_experts if hasattr(model, "args") else None
+    if E is None:
+        raise ValueError("load_state_dict_resharded needs a Transformer (model.args.num_experts)")
+    local = E // W
+    lo, hi = local_expert_range(E, W, rank)
+    out = {}
+    for k, v in state.items():
+        if is_expert_key(k):
+            if v.shape[0] == E:
+                v = v[lo:hi]
+            else:
+                _check_rows(k, v, local, E, W)  # a per-rank shard of this run's EP size is accepted as is
+        out[k] = v
+    return model.load_state_dict(out, strict=strict)
