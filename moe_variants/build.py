@@ -93,9 +93,15 @@ def check_data(args: ModelArgs, datamodule: Any) -> None:
 
 def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     """``ckpt_path``: None, a file, or ``last`` = ``<run_dir>/checkpoints/last.ckpt`` (None if there is none yet,
-    so that re-running a sweep command starts the missing runs and resumes the others)."""
+    so that re-running a sweep command starts the missing runs and resumes the others). A fresh start into a run
+    dir that already has a checkpoint is refused (it would mix two runs' checkpoints and logs)."""
     ckpt = cfg.get("ckpt_path")
     if ckpt is None:
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise ValueError(
+                f"{run_dir} already holds a run (checkpoints/last.ckpt): resume it with ckpt_path=last, or start a "
+                f"new one under another experiment=/name=, or delete that folder"
+            )
         return None
     if str(ckpt) == "last":
         last = run_dir / "checkpoints" / "last.ckpt"

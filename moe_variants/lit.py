@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from moe_variants.losses import compose_loss
-from moe_variants.model import Transformer
+from moe_variants.model import RMSNorm, Transformer
 
 CONFIG_KEY = "moe_variants_config"  # where the resolved run config lives in a checkpoint
 
@@ -74,6 +74,7 @@ class LitMoE(L.LightningModule):
         self.domains = list(domains)
         self.config = dict(config) if config is not None else None
         self._val_sums: dict[int, list[float]] = {}  # dataloader_idx -> [sum of token losses, tokens]
+        self.last_val_step: int | None = None  # global step of the last completed validation
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
@@ -102,7 +103,9 @@ class LitMoE(L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        # return_logits: plain cross-entropy on the logits; the fused chunked loss also computes gradients
+        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"),
+                         return_logits=True)
         n = int((batch["labels"] != -100).sum())
         acc = self._val_sums.setdefault(dataloader_idx, [0.0, 0])
         acc[0] += float(out.lm_loss) * n
@@ -116,12 +119,17 @@ class LitMoE(L.LightningModule):
             total, tokens = total + s, tokens + n
         if tokens:
             self.log("val/loss", total / tokens, prog_bar=True, add_dataloader_idx=False)
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
 
     # -- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        # weight decay on matrices (linear, embedding, expert, router weights), none on vectors (norm gains)
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        # weight decay on weights (linear, embedding, expert, router), none on RMSNorm gains; chosen by module
+        # rather than by ndim so that it also holds for FSDP's flattened (1-D) parameter views
+        norm_ids = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters(False)}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if id(p) not in norm_ids]
+        no_decay = [p for p in params if id(p) in norm_ids]
         optimizer = self.make_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.make_scheduler is None:
             return optimizer

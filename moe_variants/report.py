@@ -89,7 +89,8 @@ def write_report(report: dict[str, Any], run_dir: Path) -> str:
         f"nats/token. The model {'beats' if r['beats_unigram'] else 'does NOT beat'} it "
         f"({r['val_loss'] - r['unigram_entropy']:+.4f}).",
         "",
-        f"- W&B run: {r['wandb_run_dir']} (offline: `wandb sync {r['wandb_run_dir']}`)",
+        f"- W&B run: {r['wandb_run_dir']} (to upload an offline run: `wandb sync {r['wandb_run_dir']}`)"
+        if r["wandb_run_dir"] else "- W&B run: none (no W&B logger)",
         f"- checkpoint: {r['checkpoint']}",
     ]
     md = "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from moe_variants.build import build
     from moe_variants.report import make_report, write_report
 
+    # lightning 2.6 on torch 2.13 warns on every fit (ENVIRONMENT.md §1); nothing to act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     t0 = time.perf_counter()
     r = build(cfg)  # every check happens here, before the first step
     log.info("run dir %s; tags %s; params %s; resume from %s", r.run_dir, r.tags, r.model.num_params(), r.ckpt_path)
     try:
         r.trainer.fit(r.lit, datamodule=r.datamodule, ckpt_path=r.ckpt_path)
-        results = r.trainer.validate(r.lit, datamodule=r.datamodule, verbose=False)
-        val = {k: float(v) for d in results for k, v in d.items()}
-        val.update({k: float(v) for k, v in r.trainer.callback_metrics.items() if k.startswith("val/")})
+        if r.lit.last_val_step != r.trainer.global_step:  # final validation, unless fit just ran it
+            r.trainer.validate(r.lit, datamodule=r.datamodule, verbose=False)
+        val = {k: float(v) for k, v in r.trainer.callback_metrics.items() if k.startswith("val/")}
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
         if cfg.get("report", True):
             report = make_report(r, val, time.perf_counter() - t0)

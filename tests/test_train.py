@@ -165,6 +165,12 @@ def test_resume_with_different_model_config_lists_differing_keys(trained, tmp_pa
     assert "router.jitter_eps" in str(err.value) and "model.dim" not in str(err.value)
 
 
+def test_fresh_start_into_an_existing_run_is_refused(trained):
+    run_dir, _ = trained
+    with pytest.raises(ValueError, match="resume it with ckpt_path=last"):
+        run(compose_run(run_dir, "trainer.max_steps=6"))
+
+
 def test_load_model_rejects_non_checkpoints(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
@@ -211,3 +217,16 @@ def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
         r.trainer.fit(r.lit, datamodule=r.datamodule)
     after = r.model.state_dict()
     assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
+
+
+def test_weight_decay_skips_only_norm_gains(tiny_args):
+    from moe_variants import Transformer
+    from moe_variants.lit import LitMoE
+
+    model = Transformer(tiny_args)
+    lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
+                 scheduler=None, loss_coefficients={})
+    decay, no_decay = lit.configure_optimizers().param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 2 * tiny_args.n_layers + 1  # attention_norm, ffn_norm per layer; final norm
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()["total"]
