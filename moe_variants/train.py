@@ -25,6 +25,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # lightning 2.6 on torch 2.13 warns on every fit (ENVIRONMENT.md §1); nothing to act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    # the data module resumes its stream from trainer.global_step itself (its documented contract)
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     t0 = time.perf_counter()
     r = build(cfg)  # every check happens here, before the first step
     log.info("run dir %s; tags %s; params %s; resume from %s", r.run_dir, r.tags, r.model.num_params(), r.ckpt_path)
