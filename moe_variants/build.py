@@ -153,6 +153,42 @@ def make_callbacks(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
 
 
+def claim_run_dir(run_dir: Path) -> Path:
+    """Refuse to share a run dir with a live moe-train (same command started twice): ``<run_dir>/.running``
+    holds the owner's host and pid; a stale one (dead pid) is taken over. Returns the lock file to remove."""
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = run_dir / ".running", f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            alive = host == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid))
+            if alive or host != socket.gethostname():
+                raise ValueError(
+                    f"another moe-train ({host} pid {pid}) is running in {run_dir}: wait for it, or use another "
+                    f"experiment=/name= (delete {lock} if that run is gone)"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is dead
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise ValueError(f"could not claim {run_dir} ({lock} keeps reappearing)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Run:
     """Everything one training run needs, built and checked."""
@@ -166,21 +202,32 @@ class Run:
     ckpt_path: str | None
     tags: list[str]
     resources: Any = None
+    lock: Path | None = None  # <run_dir>/.running while this process trains; train.run removes it
 
 
 def build(cfg: DictConfig) -> Run:
-    """Build and check everything; nothing is trained yet."""
-    import lightning as L
-
-    from moe_variants.checkpoint import AtomicCheckpointIO
-    from moe_variants.lit import LitMoE
-
+    """Build and check everything; nothing is trained yet. Claims the run dir (see :func:`claim_run_dir`)."""
     config = resolved_config(cfg)
     run_dir = Path(config["run_dir"])
     args = check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if ckpt_path is not None:
         check_checkpoint(config, ckpt_path)
+    lock = claim_run_dir(run_dir)
+    try:
+        return _build(cfg, config, run_dir, args, ckpt_path, lock)
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+
+
+def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelArgs, ckpt_path: str | None,
+           lock: Path) -> Run:
+    import lightning as L
+
+    from moe_variants.checkpoint import AtomicCheckpointIO
+    from moe_variants.lit import LitMoE
+
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -208,4 +255,4 @@ def build(cfg: DictConfig) -> Run:
     )
     for lg in loggers:  # the full resolved config, once
         lg.log_hyperparams(config)
-    return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources)
+    return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources, lock)

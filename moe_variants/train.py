@@ -40,6 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             report = make_report(r, val, time.perf_counter() - t0)
             print(write_report(report, r.run_dir))
     finally:
+        if r.lock is not None:
+            r.lock.unlink(missing_ok=True)
         for lg in r.trainer.loggers:  # close the W&B run so the next run of a sweep (same process) gets its own
             if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
                 lg.experiment.finish()

@@ -171,6 +171,15 @@ def test_fresh_start_into_an_existing_run_is_refused(trained):
         run(compose_run(run_dir, "trainer.max_steps=6"))
 
 
+def test_run_dir_in_use_is_refused(tmp_path):
+    (tmp_path / ".running").write_text(f"{__import__('socket').gethostname()} {os.getpid()}")  # a live owner
+    with pytest.raises(ValueError, match="another moe-train .* is running"):
+        run(compose_run(tmp_path, "trainer.max_steps=2"))
+    (tmp_path / ".running").write_text(f"{__import__('socket').gethostname()} 999999999")  # stale: taken over
+    run(compose_run(tmp_path, "trainer.max_steps=1", "report=false"))
+    assert not (tmp_path / ".running").exists()
+
+
 def test_load_model_rejects_non_checkpoints(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
