@@ -69,7 +69,7 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
 def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces: list[str], out: Path,
             view_layers: list[int]) -> dict[str, Any]:
     E, K = model.args.num_experts, model.args.num_experts_per_tok
-    n_layers, D = len(data["expert_ids"]), len(domains)
+    D = len(domains)
     dom, doc, spans, ids = data["domain_ids"], data["doc_start"], data["span_start"], data["input_ids"]
     per_layer: list[dict[str, Any]] = []
     loads = {}
@@ -85,8 +85,8 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
             "repeat_first_per_domain": dict(zip(domains, rates["first"].tolist())),
             "repeat_any_per_domain": dict(zip(domains, rates["any"].tolist())),
             "expert_load": load.tolist(), "load_balance": A.load_balance_stats(load),
-            "expert_load_per_domain": {d: row for d, row in zip(domains, load_DE.tolist())},
-            "domain_specialization": {d: row for d, row in zip(domains, A.domain_specialization(eids, dom, E, D).tolist())},
+            "expert_load_per_domain": dict(zip(domains, load_DE.tolist())),
+            "domain_specialization": dict(zip(domains, A.domain_specialization(eids, dom, E, D).tolist())),
             "coactivation": A.expert_coactivation(eids, E).tolist() if K > 1 else None,
             "vocabulary_specialization": A.vocabulary_specialization(eids, ids, E, min_count=10),
             "token_id_predictability": A.token_id_predictability(eids, ids),
@@ -125,7 +125,8 @@ def write_table5(per_layer: list[dict], domains: list[str], baselines: dict, out
         "top-K sets overlap (`any`), per domain and layer (Mixtral Table 5).\n\n" + "\n".join(md) + "\n")
 
 
-def token_page(data: dict, domains: list[str], pieces: list[str], layers: list[int], E: int, n_tokens: int = 160) -> str:
+def token_page(data: dict, domains: list[str], pieces: list[str], layers: list[int], E: int,
+               n_tokens: int = 160) -> str:
     sections = []
     for i, d in enumerate(domains):
         rows = (data["domain_ids"][:, 0] == i).nonzero().flatten()

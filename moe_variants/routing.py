@@ -13,8 +13,9 @@ Shape legend: B batch, S sequence, D model dim, E experts, K experts per token, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -6,7 +6,6 @@ router file + config is covered by the contract and audit tests with no new test
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.audit import AUDIT_ARGS, audit_router, synthetic_resources
 from moe_variants.routers.hash import HashRouter, balanced_expert_table
 from moe_variants.routers.resources import RoutingResources
-from moe_variants.routers.span import SpanRouter
 from moe_variants.routers.topk import TopKRouter
 from moe_variants.routing import LayerSpec, RoutingContext
 from moe_variants.spans import start_index

@@ -179,7 +179,6 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
               "peak_mem_gib": peak, "warmup_s": warm_s, "loss": float(loss)}
     print(f"  {name:28s} {result['tokens_per_s']:>10.0f} tok/s  step {median * 1e3:7.1f} ms  "
           f"peak {peak:6.1f} GiB  (warm-up {warm_s:.0f} s)", flush=True)
-    del model, opt, step_model
     return result
 
 
