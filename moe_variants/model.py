@@ -334,7 +334,11 @@ class Transformer(nn.Module):
         if logits is not None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="sum") / n_valid
         h = h.reshape(-1, h.shape[-1])
-        total = ChunkedLinearCrossEntropy.apply(h, self.output.weight, labels, self.loss_chunk_tokens)
+        if torch.is_grad_enabled() and (h.requires_grad or self.output.weight.requires_grad):
+            total = ChunkedLinearCrossEntropy.apply(h, self.output.weight, labels, self.loss_chunk_tokens)
+        else:  # evaluation: the loss alone, still one chunk of logits at a time
+            total = sum(F.cross_entropy(self.output(h_c).float(), y_c, reduction="sum")
+                        for h_c, y_c in zip(h.split(self.loss_chunk_tokens), labels.split(self.loss_chunk_tokens)))
         return total / n_valid
 
     # -- generation --------------------------------------------------------------------------------------
