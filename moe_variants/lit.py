@@ -103,9 +103,7 @@ class LitMoE(L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        # return_logits: plain cross-entropy on the logits; the fused chunked loss also computes gradients
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"),
-                         return_logits=True)
+        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
         n = int((batch["labels"] != -100).sum())
         acc = self._val_sums.setdefault(dataloader_idx, [0.0, 0])
         acc[0] += float(out.lm_loss) * n
