@@ -31,6 +31,7 @@ VARIANTS = {
     "span-routing_vocab": ("span", {"decision": "routing_vocab"}),
     "span-routing_vocab-fallback": ("span", {"decision": "routing_vocab", "learned_top": 8, "weights": "learned"}),
     "span-fixed-routing_vocab": ("span", {"decision": "routing_vocab", "spans": "fixed", "span_len": 2}),
+    "span-routing_vocab-per_token": ("span", {"decision": "routing_vocab", "hold": False}),
 }
 CAUSAL = [(name, {}) for name in ROUTER_CONFIGS] + list(VARIANTS.values())
 IDS = ROUTER_CONFIGS + list(VARIANTS)
@@ -189,7 +190,8 @@ def span_groups(model: Transformer, ids: torch.Tensor, overrides: dict):
     return start_index(starts)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"spans": "fixed", "span_len": 3}])
+@pytest.mark.parametrize("overrides", [{}, {"spans": "fixed", "span_len": 3}, {"decision": "routing_vocab"},
+                                       {"decision": "routing_vocab", "learned_top": 64, "weights": "learned"}])
 def test_all_tokens_of_a_span_share_experts(overrides):
     model = build("span", overrides)
     ids = torch.randint(0, 512, (4, 40))
@@ -203,7 +205,7 @@ def test_all_tokens_of_a_span_share_experts(overrides):
 
 def test_routing_vocab_spans_share_the_prefix_id_of_complete_words():
     """routing_vocab is causal: the id at a token is that of the span prefix; equal prefixes route equally."""
-    model = build("span", {"decision": "routing_vocab"})
+    model = build("span", {"decision": "routing_vocab", "hold": False})
     ws = model.word_start_table
     starts = torch.nonzero(ws).flatten()[:3].tolist()
     conts = torch.nonzero(~ws).flatten()[:2].tolist()
@@ -225,7 +227,8 @@ def test_fixed_spans_of_length_one_equal_per_token_topk():
 
 
 def test_span_routing_cached_generation_equals_uncached():
-    for overrides in ({}, {"decision": "routing_vocab"}, {"spans": "fixed", "span_len": 3}):
+    for overrides in ({}, {"decision": "routing_vocab"}, {"decision": "routing_vocab", "hold": False},
+                      {"spans": "fixed", "span_len": 3}):
         model = build("span", overrides).eval()
         prompt = torch.randint(0, 512, (2, 7))
         tokens, cached = model.generate(prompt, max_new_tokens=9)

@@ -7,7 +7,9 @@ span) or ``fixed`` (every ``span_len`` tokens). Decision sources (``decision``):
 - ``routing_vocab`` (MoWE, arXiv 2311.10768, made causal): the routing id of the span *prefix* seen so far
   (a frequent word has its own id, the rest share hashed buckets) mapped to K experts by a fixed per-layer
   table; the ``learned_top`` most frequent routing ids fall back to the learned gate, as MoWE leaves its
-  most frequent words unrouted;
+  most frequent words unrouted. With ``hold=true`` (default) the decision taken at the span's first token
+  (prefix = its first piece) is held for the whole span; ``hold=false`` re-decides at every token from the
+  longer prefix (the pieces of one word may then go to different experts);
 - ``whole_word`` (MoWE as published): the id of the complete word. This LOOKS AHEAD in a causal LM (the
   first piece's routing reveals the rest of the word); it refuses to build unless ``allow_lookahead=true``.
 """
@@ -33,7 +35,7 @@ class SpanRouter(Router):
     def __init__(
         self, spec: LayerSpec, *, spans: str = "word", span_len: int = 4, decision: str = "learned_head",
         vocab_size: int = 16384, num_buckets: int = 4096, max_span_len: int = 16, learned_top: int = 0,
-        weights: str = "uniform", seed: int = 0, allow_lookahead: bool = False,
+        weights: str = "uniform", hold: bool = True, seed: int = 0, allow_lookahead: bool = False,
     ) -> None:
         super().__init__(spec)
         if decision not in DECISIONS:
@@ -46,6 +48,7 @@ class SpanRouter(Router):
         needs_gate = decision == "learned_head" or learned_top > 0 or weights == "learned"
         self.gate = nn.Linear(spec.dim, E, bias=False) if needs_gate else None
         self.weights_kind = weights
+        self.hold = hold  # vocabulary decisions: one per span (taken at its first token) or one per token
         self.tokenizer_fingerprint = ""
         if decision != "learned_head":
             if spec.resources is None:  # rebuilt from a checkpoint: vocabulary and table come from its state dict
@@ -85,33 +88,44 @@ class SpanRouter(Router):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         if self.decision == "learned_head":
-            return self._learned_head(x, ctx)
+            logits = self._hold(ctx, "logits", self.gate(x).float())  # (B, S, E) the span's first token's
+            expert_ids, weights, probs = topk_gate(logits, self.top_k)
+            aux = {  # token-weighted: what the experts actually process
+                "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1)),
+                "z_loss": z_loss(logits.flatten(0, 1)),
+            }
+            return RouterOutput(expert_ids=expert_ids, weights=weights, logits=logits, aux_losses=aux)
         rid = self.routing_ids(ctx)  # (B, S)
         expert_ids = self.expert_table[rid]  # (B, S, K)
         weights, logits = hashed_weights(self.gate if self.weights_kind == "learned" else None, x, expert_ids)
-        if self.learned_top > 0:  # the most frequent routing ids use the learned gate, per token
+        if self.learned_top > 0:  # the most frequent routing ids use the learned gate
             logits = self.gate(x).float() if logits is None else logits
             gate_ids, gate_w, _ = topk_gate(logits, self.top_k)
             frequent = (rid < self.learned_top).unsqueeze(-1)
             expert_ids = torch.where(frequent, gate_ids, expert_ids)
             weights = torch.where(frequent, gate_w, weights)
+        if self.hold:
+            expert_ids = self._hold(ctx, "expert_ids", expert_ids)
+            weights = self._hold(ctx, "weights", weights)
+            logits = None if logits is None else self._hold(ctx, "logits", logits)
         return RouterOutput(expert_ids=expert_ids, weights=weights, logits=logits)
 
-    def _learned_head(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
-        logits = self.gate(x).float()  # (B, S, E)
+    def _hold(self, ctx: RoutingContext, key: str, values: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) values -> the values at each token's span start (causal: the start is <= t).
+
+        In incremental decoding a span may have started in an earlier chunk: its value is carried in the
+        layer's router state.
+        """
         first = start_index(ctx.span_starts(self.span))  # (B, S); -1: span began before this chunk
-        held = torch.gather(logits, 1, first.clamp(min=0).unsqueeze(-1).expand_as(logits))
+        index = first.clamp(min=0).view(*first.shape, *([1] * (values.dim() - 2))).expand_as(values)
+        held = torch.gather(values, 1, index)
         state = ctx.state(self.layer_idx)
-        if state is not None:  # incremental decoding: spans may start in an earlier chunk
-            if "held_logits" in state:
-                held = torch.where((first < 0).unsqueeze(-1), state["held_logits"].unsqueeze(1), held)
-            state["held_logits"] = held[:, -1]
-        expert_ids, weights, probs = topk_gate(held, self.top_k)
-        aux = {  # token-weighted: what the experts actually process
-            "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1)),
-            "z_loss": z_loss(held.flatten(0, 1)),
-        }
-        return RouterOutput(expert_ids=expert_ids, weights=weights, logits=held, aux_losses=aux)
+        if state is not None:
+            if key in state:
+                before = (first < 0).view(*first.shape, *([1] * (values.dim() - 2)))
+                held = torch.where(before, state[key].unsqueeze(1), held)
+            state[key] = held[:, -1]
+        return held
 
     def describe(self) -> str:
         span = "word" if self.span.kind == "word" else f"fixed{self.span.span_len}"
