@@ -1,8 +1,9 @@
 """From a composed Hydra config to the objects of one run: data module, model, Lightning module, trainer.
 
 Every check that can fail a run is done here, before the first training step, and raises ``ValueError`` naming
-the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``model.vocab_size``, and a
-``ckpt_path`` whose model/router/experts config differs from the current one.
+the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``model.vocab_size``, a
+``ckpt_path`` whose model/router/experts config differs from the current one, and an expert-parallel size
+(``conf/parallel``) that does not divide ``model.num_experts`` or does not match the trainer's process count.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def check_config(cfg: DictConfig) -> ModelArgs:
         args = model_args(cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"invalid model config: {e}") from e
+    ep = expert_parallel_size(cfg)
+    if ep != "world":
+        from moe_variants.parallel import local_expert_range
+
+        local_expert_range(args.num_experts, ep, 0)  # ValueError naming the divisors of num_experts
     seq_len = cfg.data.get("seq_len")
     if seq_len is not None and seq_len > args.max_seq_len:
         raise ValueError(
@@ -79,6 +85,44 @@ def check_config(cfg: DictConfig) -> ModelArgs:
             f"model.max_seq_len"
         )
     return args
+
+
+def expert_parallel_size(cfg: DictConfig) -> int | str:
+    """``parallel.expert_parallel``: an int >= 1 or ``"world"`` (every process of the run); 1 without the group."""
+    ep = (cfg.get("parallel") or {}).get("expert_parallel", 1)
+    if ep == "world":
+        return ep
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"parallel.expert_parallel must be an int >= 1 or 'world', got {ep!r}")
+    return ep
+
+
+def check_expert_parallel(ep: int | str, args: ModelArgs, trainer: Any) -> int:
+    """The EP size for this trainer (``"world"`` resolved); EP needs Lightning's DDP strategy with exactly EP
+    processes (expert parallelism over the whole world; hybrid EP x DP is not wired into this path)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    from moe_variants.parallel import local_expert_range
+
+    processes = int(trainer.num_devices) * int(trainer.num_nodes)
+    ep = processes if ep == "world" else int(ep)
+    if ep == 1:
+        return 1
+    local_expert_range(args.num_experts, ep, 0)
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(
+            f"parallel.expert_parallel={ep} runs under Lightning's DDP strategy only (got "
+            f"{type(strategy).__name__}): use trainer=ddp, or parallel.expert_parallel=1 with this trainer"
+        )
+    if ep != processes:
+        raise ValueError(
+            f"parallel.expert_parallel={ep} but the trainer runs {processes} processes (trainer.devices x "
+            f"trainer.num_nodes = {trainer.num_devices} x {trainer.num_nodes}): expert parallelism spans every "
+            f"process (hybrid EP x DP is not supported in the Lightning path); set trainer.devices={ep} (one node) "
+            f"or parallel.expert_parallel={processes}"
+        )
+    return ep
 
 
 def check_data(args: ModelArgs, datamodule: Any) -> None:
@@ -213,16 +257,28 @@ def build(cfg: DictConfig) -> Run:
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if ckpt_path is not None:
         check_checkpoint(config, ckpt_path)
-    lock = claim_run_dir(run_dir)
+    # DDP: Lightning (or torchrun) starts the other ranks with the same command; only rank 0 owns the run dir
+    lock = claim_run_dir(run_dir) if launch_rank() == 0 else None
     try:
         return _build(cfg, config, run_dir, args, ckpt_path, lock)
     except BaseException:
-        lock.unlink(missing_ok=True)
+        if lock is not None:
+            lock.unlink(missing_ok=True)
         raise
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun/SLURM: ``RANK``/``SLURM_PROCID``; Lightning's
+    DDP children: ``NODE_RANK``/``LOCAL_RANK``, nonzero for every child); 0 for a plain single process."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    node, local = os.environ.get("NODE_RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    return 0 if node in ("", "0") and local in ("", "0") else 1
+
+
 def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelArgs, ckpt_path: str | None,
-           lock: Path) -> Run:
+           lock: Path | None) -> Run:
     import lightning as L
 
     from moe_variants.checkpoint import AtomicCheckpointIO
@@ -253,6 +309,8 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
+    # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
+    lit.expert_parallel = check_expert_parallel(expert_parallel_size(cfg), args, trainer)
     for lg in loggers:  # the full resolved config, once
         lg.log_hyperparams(config)
     return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources, lock)

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             r.trainer.validate(r.lit, datamodule=r.datamodule, verbose=False)
         val = {k: float(v) for k, v in r.trainer.callback_metrics.items() if k.startswith("val/")}
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
-        if cfg.get("report", True):
+        if cfg.get("report", True) and r.trainer.is_global_zero:  # DDP: one report, from rank 0
             report = make_report(r, val, time.perf_counter() - t0)
             print(write_report(report, r.run_dir))
     finally:
