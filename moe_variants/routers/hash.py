@@ -7,7 +7,10 @@ buffer. Keys (``table``):
 - ``balanced``: the current token id, ids assigned greedily in order of corpus frequency to the least
   loaded experts, so every expert receives about the same token mass on the training data;
 - ``prev_token``: the previous token id (the paper's context variant; the first position uses a "none" id);
-- ``bigram``: a hash of (previous, current) ids into ``num_buckets`` buckets.
+- ``bigram``: a hash of (previous, current) ids into ``num_buckets`` buckets;
+- ``file``: the current token id, experts read from ``table_path``, a ``.pt`` file holding a (n_layers, V, K)
+  int64 tensor (layer i takes row i), e.g. a "distilled hash" read off a trained top-k model
+  (``experiments/router_study/distill_hash.py``).
 
 Combine weights: ``uniform`` (1/K each) or ``learned`` (a learned gate scores only the hashed experts,
 softmax over those K, fp32).
@@ -16,13 +19,14 @@ softmax over those K, fp32).
 from __future__ import annotations
 
 import heapq
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
 
-TABLES = ("random", "balanced", "prev_token", "bigram")
+TABLES = ("random", "balanced", "prev_token", "bigram", "file")
 WEIGHTS = ("uniform", "learned")
 
 
@@ -48,6 +52,31 @@ def balanced_expert_table(counts: torch.Tensor, num_experts: int, top_k: int, se
     return table
 
 
+def load_table_file(path: str | Path | None, spec: LayerSpec) -> torch.Tensor:
+    """This layer's (V, K) rows of a ``file`` table: a .pt file holding a (n_layers, V, K) integer tensor."""
+    if path is None:
+        raise ValueError("router.table=file needs router.table_path=<a .pt file of shape (n_layers, V, K)> "
+                         "(experiments/router_study/distill_hash.py writes one)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"router.table_path={path} does not exist: write it first (e.g. with "
+                         f"experiments/router_study/distill_hash.py) or fix the path (relative to the working dir)")
+    try:
+        table = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or not plain tensors
+        raise ValueError(f"router.table_path={path} is not a torch tensor file ({type(e).__name__}: {e})") from e
+    want = (spec.n_layers, spec.vocab_size, spec.top_k)
+    if not isinstance(table, torch.Tensor) or table.dtype.is_floating_point or tuple(table.shape) != want:
+        got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"router.table_path={path} holds {got}; this model needs an int64 tensor of shape "
+                         f"(n_layers, V, K) = {want}")
+    rows = table[spec.layer_idx].long()  # (V, K)
+    if rows.min() < 0 or rows.max() >= spec.num_experts or (rows.sort(-1).values.diff(dim=-1) == 0).any():
+        raise ValueError(f"router.table_path={path}: layer {spec.layer_idx} has expert ids outside "
+                         f"[0, {spec.num_experts}) or a row repeating an expert (the K must be distinct)")
+    return rows.contiguous()
+
+
 def hashed_weights(
     gate: nn.Linear | None, x: torch.Tensor, expert_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,7 +92,7 @@ class HashRouter(Router):
 
     def __init__(
         self, spec: LayerSpec, *, table: str = "random", weights: str = "uniform", seed: int = 0,
-        num_buckets: int = 65536,
+        num_buckets: int = 65536, table_path: str | None = None,
     ) -> None:
         super().__init__(spec)
         if table not in TABLES:
@@ -73,8 +102,14 @@ class HashRouter(Router):
         self.table_kind, self.weights_kind, self.num_buckets = table, weights, num_buckets
         E, K, V = spec.num_experts, spec.top_k, spec.vocab_size
         layer_seed = seed * 100_003 + spec.layer_idx  # a different table in every layer
-        num_keys = {"random": V, "balanced": V, "prev_token": V + 1, "bigram": num_buckets}[table]
-        if table == "balanced":
+        num_keys = {"random": V, "balanced": V, "prev_token": V + 1, "bigram": num_buckets, "file": V}[table]
+        if table == "file":
+            if spec.resources is None and table_path is not None and not Path(table_path).is_file():
+                # rebuilt from a checkpoint (load_model) after the file was moved: the state dict holds the table
+                expert_table = torch.zeros(V, K, dtype=torch.int64)
+            else:
+                expert_table = load_table_file(table_path, spec)
+        elif table == "balanced":
             if spec.resources is None:  # being rebuilt from a checkpoint: the table comes from its state dict
                 expert_table = torch.zeros(V, K, dtype=torch.int64)
             else:
@@ -87,7 +122,7 @@ class HashRouter(Router):
     def keys(self, ctx: RoutingContext) -> torch.Tensor:
         """(B, S) int64 table rows for the current chunk (reads tokens <= t only)."""
         cur = ctx.token_ids
-        if self.table_kind in ("random", "balanced"):
+        if self.table_kind in ("random", "balanced", "file"):
             return cur
         hist = ctx.history_ids
         prev = torch.full_like(cur, self.spec.vocab_size)  # "none" before the first token

@@ -1,0 +1,105 @@
+"""Glue shared by the router study's scripts (sweep.py, distill_hash.py, analyze.py): the study's composed config,
+its runs on disk, a run's data module, and running a CPU-loaded checkpoint on another device."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from moe_variants.paths import REPO_ROOT
+
+ARMS = ("topk", "hash_random", "hash_balanced", "span_head", "span_vocab", "hash_distilled")
+RUN_DIR = re.compile(r"^(?P<arm>[a-z][a-z0-9_]*)-s(?P<seed>\d+)$")  # <arm>-s<seed>, the study's run-dir names
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def study_config(study: str, overrides: list[str] = ()) -> Any:
+    """The composed config of ``+study=<study>`` (plus overrides), unresolved (``name`` needs a Hydra runtime)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"+study={study}", *overrides])
+
+
+def study_root(study: str, overrides: list[str] = ()) -> Path:
+    root = Path(str(study_config(study, overrides).study_root))
+    return root if root.is_absolute() else Path.cwd() / root
+
+
+def distilled_table_path(root: Path, seed: int) -> Path:
+    """Where distill_hash.py writes the table of ``topk-s<seed>`` (conf/arm/hash_distilled.yaml reads it)."""
+    return root / "distilled_hash" / f"topk-s{seed}.pt"
+
+
+@dataclass
+class RunInfo:
+    arm: str
+    seed: int
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def report(self) -> dict[str, Any] | None:
+        """The run's report.json (written by moe-train when the run finished), or None."""
+        p = self.run_dir / "report.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+
+def find_runs(root: Path) -> list[RunInfo]:
+    """Every ``<arm>-s<seed>/`` folder under the study root, sorted by arm (study order first) then seed."""
+    runs = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        m = RUN_DIR.match(d.name)
+        if d.is_dir() and m:
+            runs.append(RunInfo(m["arm"], int(m["seed"]), d))
+    order = {a: i for i, a in enumerate(ARMS)}
+    return sorted(runs, key=lambda r: (order.get(r.arm, len(order)), r.arm, r.seed))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def datamodule_for(cfg: Any, **overrides: Any) -> Any:
+    """The run's own data module (its saved ``data`` config), with ``overrides``; set up."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.update(overrides)
+    dm = instantiate(data)
+    dm.setup("fit")
+    return dm
+
+
+class OnDevice:
+    """Runs a model on ``device`` while the caller feeds CPU batches and reads CPU routing outputs, so that
+    ``moe_variants.analyze.collect`` and the metric functions work unchanged on a GPU."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model.to(device), device
+        self.layers = model.layers
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                 span_start: torch.Tensor | None = None) -> SimpleNamespace:
+        to = (lambda t: None if t is None else t.to(self.device))  # noqa: E731
+        out = self.model(to(input_ids), labels=to(labels), span_start=to(span_start))
+        routing = [SimpleNamespace(expert_ids=r.expert_ids.cpu(),
+                                   logits=None if r.logits is None else r.logits.float().cpu()) for r in out.routing]
+        loss = None if out.lm_loss is None else out.lm_loss.float().cpu()
+        return SimpleNamespace(lm_loss=loss, routing=routing)

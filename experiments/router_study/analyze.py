@@ -1,0 +1,459 @@
+"""Router study report: every run's report.json plus moe-analyze metrics on its checkpoint, mean ± std over seeds
+per arm, written to ``results/<study>/``.
+
+    python experiments/router_study/analyze.py --study router_study          # runs/router_study -> results/router_study
+    python experiments/router_study/analyze.py --study router_study --report-only   # from results/router_study alone
+
+Per run (``results/<study>/runs/<arm>-s<seed>/``): the moe-analyze files (table5, plots, tokens.html,
+metrics.json) over each domain's validation windows, a copy of the run's report.json, and ``run.json`` (what the
+study report reads). A run whose checkpoint did not change since its run.json is not analysed again. Study files:
+``report.md`` (tables and the answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run),
+``val_loss_per_domain.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
+
+The rule: a difference between two arms is called a difference only when |mean_a - mean_b| > std_a + std_b
+(sample std over seeds) and both arms have at least 2 seeds. Anything else is reported as within the seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import ARMS, OnDevice, RunInfo, datamodule_for, find_runs, pick_device, study_root  # noqa: E402
+
+REFERENCE = "topk"
+LAYER_METRICS = {  # per-layer routing metric -> label
+    "token_id_predictability": "token-id predictability",
+    "token_id_predictability_heldout": "token-id predictability, held out",
+    "repeat_first": "first-choice repeat rate",
+    "span_coherence": "span coherence",
+    "load_max_over_mean": "load max/mean",
+}
+QUESTIONS = {
+    "hash": ("hash_random", "hash_balanced", "hash_distilled"),
+    "span": ("span_head", "span_vocab"),
+}
+
+
+# -- statistics and the difference rule ------------------------------------------------------------------------
+@dataclass
+class Stat:
+    """Mean and sample standard deviation over seeds (std is nan with fewer than 2 values)."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n >= 2 else math.nan
+
+    def text(self, digits: int = 3) -> str:
+        if not self.values:
+            return "-"
+        return f"{self.mean:.{digits}f}" if self.n < 2 else f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def stat(values: list[float | None]) -> Stat:
+    return Stat([float(v) for v in values if v is not None and not math.isnan(float(v))])
+
+
+def differs(a: Stat, b: Stat) -> bool:
+    """The study's rule: a difference only when both arms have >= 2 seeds and |Δmean| > std_a + std_b."""
+    return a.n >= 2 and b.n >= 2 and abs(a.mean - b.mean) > a.std + b.std
+
+
+def compare(name_a: str, a: Stat, name_b: str, b: Stat, what: str = "validation loss", unit: str = "nats/token",
+            lower_is_better: bool = True) -> str:
+    """One sentence comparing arm a with arm b that never calls a difference the rule does not allow."""
+    if a.n < 2 or b.n < 2:
+        return (f"{name_a} vs {name_b}: not compared ({what}: {a.text()} vs {b.text()}); the rule needs at least 2 "
+                f"seeds per arm, have {a.n} and {b.n}")
+    delta, spread = a.mean - b.mean, a.std + b.std
+    if not differs(a, b):
+        return (f"{name_a} vs {name_b}: no difference beyond the seed spread ({what} {a.text()} vs {b.text()}; "
+                f"Δ = {delta:+.3f}, |Δ| ≤ std sum {spread:.3f})")
+    better = (delta < 0) == lower_is_better
+    return (f"{name_a} vs {name_b}: **{name_a} is {'better' if better else 'worse'}** by {abs(delta):.3f} {unit} "
+            f"({what} {a.text()} vs {b.text()}; |Δ| > std sum {spread:.3f})")
+
+
+# -- one run ------------------------------------------------------------------------------------------------------
+def _stamp(path: Path) -> dict[str, int] | None:
+    if not path.is_file():
+        return None
+    s = path.stat()
+    return {"size": s.st_size, "mtime_ns": s.st_mtime_ns}
+
+
+def heldout_predictability(data: dict[str, Any], layer: int) -> float:
+    """Token-id predictability fitted on the even analysis windows and scored on the odd ones (ids unseen in the
+    even windows get the most used expert): how well a fixed table would predict the router on new text."""
+    from moe_variants.analysis import token_id_predictability
+
+    eids, ids = data["expert_ids"][layer], data["input_ids"]
+    if ids.shape[0] < 2:
+        return math.nan
+    return token_id_predictability(eids[0::2], ids[0::2], held_out=(eids[1::2], ids[1::2]))
+
+
+def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batch_size: int = 8,
+                device: str = "auto", force: bool = False, data_overrides: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
+    """``out/runs/<name>/run.json`` for a finished run (None if it has no report.json yet)."""
+    from moe_variants.analyze import analyze, collect
+    from moe_variants.checkpoint import load_model
+
+    report = run.report()
+    if report is None:
+        return None
+    rdir = out / "runs" / run.name
+    cached = rdir / "run.json"
+    stamp = _stamp(run.checkpoint)
+    if cached.is_file() and not force:
+        old = json.loads(cached.read_text())
+        if stamp is None or old.get("checkpoint_stamp") == stamp:
+            return old
+    rdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run.run_dir / "report.json", rdir / "report.json")
+    record: dict[str, Any] = {"arm": run.arm, "seed": run.seed, "name": run.name, "run_dir": str(run.run_dir),
+                              "report": report, "checkpoint_stamp": stamp, "layers": None}
+    if stamp is not None:
+        t0 = time.perf_counter()
+        model, cfg = load_model(run.checkpoint)
+        dm = datamodule_for(cfg, val_sequences_per_domain=sequences_per_domain, batch_size=batch_size,
+                            **(data_overrides or {}))
+        data = collect(OnDevice(model, pick_device(device)), dm.val_dataloader(), None)
+        model.cpu()
+        n = len(model.layers)
+        pieces = [dm.tokenizer.id_to_token(i) or "" for i in range(dm.vocab_size)] if dm.tokenizer else \
+            [str(i) for i in range(dm.vocab_size)]
+        metrics = analyze(model, data, dm.domains, pieces, rdir, sorted({0, n // 2, n - 1}))
+        record["layers"] = [{"layer": p["layer"], "token_id_predictability": p["token_id_predictability"],
+                             "token_id_predictability_heldout": heldout_predictability(data, p["layer"]),
+                             "repeat_first": p["repeat_first"], "repeat_any": p["repeat_any"],
+                             "span_coherence": p["span_coherence"]["first"],
+                             "span_coherence_all": p["span_coherence"]["all"],
+                             "router_entropy": p["router_entropy"],
+                             "load_max_over_mean": p["load_balance"]["max_over_mean"],
+                             "load_cv": p["load_balance"]["cv"]} for p in metrics["layers"]]
+        record["baselines"] = metrics["baselines"]
+        record["analysis_windows_per_domain"] = sequences_per_domain
+        record["analysis_seconds"] = time.perf_counter() - t0
+    cached.write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """Every ``out/runs/*/run.json`` (what --report-only reads)."""
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/run.json"))]
+    order = {a: i for i, a in enumerate(ARMS)}
+    return sorted(recs, key=lambda r: (order.get(r["arm"], len(order)), r["arm"], r["seed"]))
+
+
+# -- aggregation --------------------------------------------------------------------------------------------------
+def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """arm -> {seeds, val_loss: Stat, val_loss_per_domain: {d: Stat}, tokens_per_s: Stat, layers: {metric: [Stat]},
+    layer_mean: {metric: Stat}, routers: [...]}."""
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        rs = [r for r in records if r["arm"] == arm]
+        reps = [r["report"] for r in rs]
+        domains = list(dict.fromkeys(d for rep in reps for d in rep.get("val_loss_per_domain", {})))
+        agg: dict[str, Any] = {
+            "seeds": [r["seed"] for r in rs],
+            "routers": sorted({x for rep in reps for x in rep.get("routers", [])}),
+            "val_loss": stat([rep.get("val_loss") for rep in reps]),
+            "val_loss_per_domain": {d: stat([rep.get("val_loss_per_domain", {}).get(d) for rep in reps])
+                                    for d in domains},
+            "tokens_per_s": stat([rep.get("tokens_per_s") for rep in reps]),
+            "layers": {}, "layer_mean": {},
+        }
+        analysed = [r["layers"] for r in rs if r.get("layers")]
+        if analysed:
+            n_layers = min(len(x) for x in analysed)
+            for m in LAYER_METRICS:
+                agg["layers"][m] = [stat([x[i][m] for x in analysed]) for i in range(n_layers)]
+                agg["layer_mean"][m] = stat([statistics.fmean(p[m] for p in x[:n_layers]) for x in analysed])
+        arms[arm] = agg
+    return arms
+
+
+# -- outputs ------------------------------------------------------------------------------------------------------
+def write_csvs(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], out: Path) -> None:
+    domains = list(dict.fromkeys(d for a in arms.values() for d in a["val_loss_per_domain"]))
+    cols = ["arm", "n_seeds", "seeds", "val_loss_mean", "val_loss_std"]
+    cols += [f"val_loss_{d}_{s}" for d in domains for s in ("mean", "std")]
+    cols += ["tokens_per_s_mean", "tokens_per_s_std"]
+    cols += [f"{m}_layer_mean_{s}" for m in LAYER_METRICS for s in ("mean", "std")]
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for arm, a in arms.items():
+            row = [arm, len(a["seeds"]), " ".join(map(str, a["seeds"])), a["val_loss"].mean, a["val_loss"].std]
+            for d in domains:
+                s = a["val_loss_per_domain"].get(d, Stat([]))
+                row += [s.mean, s.std]
+            row += [a["tokens_per_s"].mean, a["tokens_per_s"].std]
+            for m in LAYER_METRICS:
+                s = a["layer_mean"].get(m, Stat([]))
+                row += [s.mean, s.std]
+            w.writerow(row)
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "seed", "steps", "train_tokens", "val_loss", *[f"val_loss_{d}" for d in domains],
+                    "tokens_per_s", *[f"{m}_layer_mean" for m in LAYER_METRICS]])
+        for r in records:
+            rep = r["report"]
+            layer_means = [statistics.fmean(p[m] for p in r["layers"]) if r.get("layers") else ""
+                           for m in LAYER_METRICS]
+            w.writerow([r["arm"], r["seed"], rep.get("steps"), rep.get("train_tokens"), rep.get("val_loss"),
+                        *[rep.get("val_loss_per_domain", {}).get(d, "") for d in domains], rep.get("tokens_per_s"),
+                        *layer_means])
+
+
+def plot(arms: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def err(s: Stat) -> float:
+        return 0.0 if math.isnan(s.std) else s.std
+
+    written = []
+    domains = list(dict.fromkeys(d for a in arms.values() for d in a["val_loss_per_domain"])) + ["all"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.5))
+    width = 0.8 / max(1, len(arms))
+    for i, (arm, a) in enumerate(arms.items()):
+        stats = [a["val_loss_per_domain"].get(d, Stat([])) for d in domains[:-1]] + [a["val_loss"]]
+        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [s.mean for s in stats], width, yerr=[err(s) for s in stats], capsize=2,
+               label=f"{arm} (n={len(a['seeds'])})")
+    ax.set_xticks(range(len(domains)), domains, rotation=20)
+    ax.set_ylabel("validation loss (nats/token)")
+    lo = min((s.mean for a in arms.values() for s in [a["val_loss"], *a["val_loss_per_domain"].values()]
+              if s.n), default=0.0)
+    ax.set_ylim(bottom=max(0.0, lo - 0.5))
+    ax.set_title("Validation loss per domain and arm (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_per_domain.png", dpi=120)
+    plt.close(fig)
+    written.append("val_loss_per_domain.png")
+
+    with_layers = {arm: a for arm, a in arms.items() if a["layers"]}
+    if not with_layers:
+        return written
+
+    def lines(ax: Any, metric: str) -> None:
+        for arm, a in with_layers.items():
+            stats = a["layers"][metric]
+            ax.errorbar(range(len(stats)), [s.mean for s in stats], yerr=[err(s) for s in stats], marker="o",
+                        capsize=2, label=arm)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(LAYER_METRICS[metric])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines(ax, "token_id_predictability")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy of the best token id -> first expert table")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "token_id_predictability.png", dpi=120)
+    plt.close(fig)
+    written.append("token_id_predictability.png")
+
+    fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(4.2 * len(LAYER_METRICS), 4))
+    for ax, metric in zip(axes, LAYER_METRICS):
+        lines(ax, metric)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "routing_per_layer.png", dpi=110)
+    plt.close(fig)
+    written.append("routing_per_layer.png")
+    return written
+
+
+def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], study: str, missing: list[str],
+                commands: list[str], distilled: dict[str, Any], plots: list[str]) -> str:
+    ref = arms.get(REFERENCE)
+    domains = list(dict.fromkeys(d for a in arms.values() for d in a["val_loss_per_domain"]))
+    reps = [r["report"] for r in records]
+    L: list[str] = [f"# Router study: learned top-2 vs token-id hash vs span routing ({study})", ""]
+    if study.endswith("_smoke"):
+        L += ["> **Smoke study**: the tiny model, a few CPU steps. These numbers test the pipeline; they say "
+              "nothing about the question.", ""]
+    steps = sorted({rep.get("steps") for rep in reps})
+    tokens = sorted({rep.get("train_tokens") for rep in reps})
+    params = reps[0].get("params", {}) if reps else {}
+    L += [f"- runs: {len(records)} ({', '.join(arm + ' x' + str(len(a['seeds'])) for arm, a in arms.items())}); "
+          f"steps per run: {', '.join(map(str, steps))}; training tokens per run: {', '.join(map(str, tokens))}",
+          f"- parameters: {params.get('total', 0) / 1e6:.1f}M total, {params.get('active', 0) / 1e6:.1f}M active"
+          if params else "- parameters: -",
+          "- missing or unfinished runs: " + (", ".join(missing) if missing else "none"),
+          "",
+          "**Rule.** A difference between two arms is called a difference only when both have at least 2 seeds and "
+          "|mean_a - mean_b| > std_a + std_b (sample std over seeds). Everything else is *within the seed spread*, "
+          "which is not evidence of equality either. This is a conservative screen, not a significance test.", ""]
+
+    L += ["## Validation loss (nats/token, mean ± std over seeds)", "",
+          "| arm | n | all | " + " | ".join(domains) + " | tokens/s |",
+          "|---|---|---|" + "---|" * len(domains) + "---|"]
+    for arm, a in arms.items():
+        L.append(f"| {arm} | {len(a['seeds'])} | {a['val_loss'].text()} | "
+                 + " | ".join(a["val_loss_per_domain"].get(d, Stat([])).text() for d in domains)
+                 + f" | {a['tokens_per_s'].text(0)} |")
+    if ref is not None:
+        L += ["", f"Δ against `{REFERENCE}` (negative = lower loss). **Bold**: exceeds the seed spread (a "
+              "difference); plain: within the spread (no difference called); `n<2`: too few seeds to judge.", "",
+              "| arm | all | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
+
+        def cell(a: Stat, b: Stat) -> str:
+            if not a.n or not b.n:
+                return "-"
+            d = f"{a.mean - b.mean:+.3f}"
+            return f"**{d}**" if differs(a, b) else (d if a.n >= 2 and b.n >= 2 else f"{d} (n<2)")
+
+        for arm, a in arms.items():
+            if arm == REFERENCE:
+                continue
+            L.append(f"| {arm} | {cell(a['val_loss'], ref['val_loss'])} | " + " | ".join(
+                cell(a["val_loss_per_domain"].get(d, Stat([])), ref["val_loss_per_domain"].get(d, Stat([])))
+                for d in domains) + " |")
+    L.append("")
+
+    L += ["## The questions", ""]
+    L += ["**1. Is learned routing close to token-id routing?** Token-id predictability is the accuracy of the best "
+          "token id -> first-choice expert table on the analysis tokens (in-sample, so an upper bound; 1.0 = the "
+          "router is a function of the token id, as every hash arm is by construction; chance is about 1/E plus a "
+          "small-count bias). The held-out version fits the table on half of the analysis windows and scores it on "
+          "the other half (ids unseen in the fitting half count against it, so even a hash router scores below 1)."]
+    if ref is not None and ref["layers"]:
+        tip = ref["layers"]["token_id_predictability"]
+        L.append(f"`{REFERENCE}`: {ref['layer_mean']['token_id_predictability'].text()} averaged over layers "
+                 f"(held out: {ref['layer_mean']['token_id_predictability_heldout'].text()}); per layer "
+                 + ", ".join(f"L{i} {s.text(2)}" for i, s in enumerate(tip)) + ".")
+    if distilled:
+        fits = [statistics.fmean(d["table_matches_router_per_layer"]) for d in distilled.values()]
+        L.append(f"The distilled tables reproduce {100 * statistics.fmean(fits):.1f}% of the top-2 routers' (token, "
+                 f"expert) choices on the training windows they were read from ({len(distilled)} table(s)).")
+    L += ["", "**Do hash routers lose little against learned routing?**", ""]
+    L += [f"- {compare(arm, arms[arm]['val_loss'], REFERENCE, ref['val_loss'])}"
+          for arm in QUESTIONS["hash"] if arm in arms and ref is not None] or ["- no hash arm or no topk runs yet"]
+    L += ["", "**2. Does span routing keep the quality of learned routing?**", ""]
+    L += [f"- {compare(arm, arms[arm]['val_loss'], REFERENCE, ref['val_loss'])}"
+          for arm in QUESTIONS["span"] if arm in arms and ref is not None] or ["- no span arm or no topk runs yet"]
+    others = [a for a in arms if a != REFERENCE and not any(a in v for v in QUESTIONS.values())]
+    L += [f"- {compare(arm, arms[arm]['val_loss'], REFERENCE, ref['val_loss'])}" for arm in others if ref is not None]
+    L.append("")
+
+    with_layers = {arm: a for arm, a in arms.items() if a["layers"]}
+    if with_layers:
+        L += ["## Routing per layer (validation windows of every domain; mean ± std over seeds)", ""]
+        n_layers = max(len(a["layers"]["token_id_predictability"]) for a in with_layers.values())
+        for m, label in LAYER_METRICS.items():
+            L += [f"**{label}**", "", "| arm | mean over layers | " + " | ".join(f"L{i}" for i in range(n_layers))
+                  + " |", "|---|---|" + "---|" * n_layers]
+            for arm, a in with_layers.items():
+                cells = [s.text(3) for s in a["layers"][m]] + ["-"] * (n_layers - len(a["layers"][m]))
+                L.append(f"| {arm} | {a['layer_mean'][m].text(3)} | " + " | ".join(cells) + " |")
+            L.append("")
+        base = next((r["baselines"] for r in records if r.get("baselines")), None)
+        if base:
+            L += [f"Random-routing references: first-choice repeat {base['first']:.3f}, top-K overlap "
+                  f"{base['any']:.3f}. Load max/mean: 1 = perfectly balanced, E = everything on one expert. Span "
+                  "coherence: share of multi-token words whose pieces all share their first expert.", ""]
+    L += ["## Files", ""] + [f"- `{p}`" for p in plots] + [
+        "- `summary.csv` (per arm), `runs.csv` (per run), `runs/<arm>-s<seed>/` (moe-analyze output per run, its "
+        "report.json, and run.json: what this report reads)", ""]
+    L += ["## Commands", "", "```bash", *commands, "```", ""]
+    return "\n".join(L)
+
+
+def study_commands(study: str, root: Path, out: Path) -> list[str]:
+    rel = (lambda p: str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p))  # noqa: E731
+    return [
+        "# all runs, distillation and this report (skips finished runs, resumes unfinished ones)",
+        f"python experiments/router_study/sweep.py --study {study}",
+        "# or step by step:",
+        *[f"moe-train -m +study={study} arm={a} seed=0,1,2 ckpt_path=last" for a in ARMS[:-1]],
+        f"python experiments/router_study/distill_hash.py --study {study} --seeds 0,1,2",
+        f"moe-train -m +study={study} arm=hash_distilled seed=0,1,2 ckpt_path=last",
+        f"python experiments/router_study/analyze.py --study {study} --study-root {rel(root)} --out {rel(out)}",
+        "# regenerate this report from the results folder alone (no checkpoints needed):",
+        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only",
+    ]
+
+
+def write_report(records: list[dict[str, Any]], out: Path, study: str, root: Path, missing: list[str],
+                 distilled: dict[str, Any]) -> str:
+    arms = aggregate(records)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csvs(records, arms, out)
+    plots = plot(arms, out) if arms else []
+    md = report_text(records, arms, study, missing, study_commands(study, root, out), distilled, plots)
+    (out / "report.md").write_text(md)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="router_study", help="the study config: router_study | router_study_smoke")
+    p.add_argument("--study-root", type=Path, help="the runs (default: the study config's study_root)")
+    p.add_argument("--out", type=Path, help="default: results/<study>")
+    p.add_argument("--report-only", action="store_true", help="regenerate from <out>/runs/*/run.json alone")
+    p.add_argument("--sequences-per-domain", type=int, default=32, help="validation windows per domain analysed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="analyse every run again")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the runs' data config, e.g. --data corpus_dir=/path (repeatable)")
+    a = p.parse_args(argv)
+    out = a.out or Path("results") / a.study
+    root = a.study_root or (study_root(a.study) if not a.report_only else Path("runs") / a.study)
+    missing: list[str] = []
+    if not a.report_only:
+        data = dict(kv.split("=", 1) for kv in a.data)
+        for run in find_runs(root):
+            rec = analyse_run(run, out, sequences_per_domain=a.sequences_per_domain, batch_size=a.batch_size,
+                              device=a.device, force=a.force, data_overrides=data)
+            print(f"{run.name}: {'unfinished (no report.json)' if rec is None else 'ok'}")
+            if rec is None:
+                missing.append(run.name)
+        for f in sorted((root / "distilled_hash").glob("*.pt.json")):
+            (out / "distilled_hash").mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, out / "distilled_hash" / f.name)
+        (out / "missing.json").write_text(json.dumps(missing))
+    elif (out / "missing.json").is_file():
+        missing = json.loads((out / "missing.json").read_text())
+    records = load_records(out)
+    if not records:
+        print(f"no finished runs under {root} (nor {out}/runs): nothing to report", file=sys.stderr)
+        return 1
+    distilled = {f.name: json.loads(f.read_text()) for f in sorted((out / "distilled_hash").glob("*.pt.json"))}
+    write_report(records, out, a.study, root, missing, distilled)
+    print(f"wrote {out}/report.md ({len(records)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
