@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.analyze import run
@@ -19,23 +18,12 @@ ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_si
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import datasets
-
     root = tmp_path_factory.mktemp("analyze_data")
     texts = {"prose": "It was a fine morning, and Emma walked {i} miles to Highbury. ",
              "code": "    def f{i}(x):\n        return x * {i}\n"}
-    rows = {s: {"text": [], "domain": [], "source": []} for s in ("train", "validation")}
-    for d, t in texts.items():
-        for i in range(30):
-            split = "validation" if i % 3 == 0 else "train"
-            rows[split]["text"].append(t.format(i=i) * 12)
-            rows[split]["domain"].append(d)
-            rows[split]["source"].append(d)
-    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()}).save_to_disk(str(root / "corpus"))
-    (root / "corpus" / "manifest.json").write_text(json.dumps({"corpus_sha256": "analyze-tiny"}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_CACHE", str(root / "hf_cache"))
-        yield root / "corpus"
+        yield write_tiny_corpus(root, texts, docs_per_domain=30, val_every=3, tag="analyze-tiny")
 
 
 def cfg(ckpt, corpus, out, **kw):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import CONF_DIR, REPO_ROOT, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
+from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.audit import AUDIT_ARGS, synthetic_resources
@@ -161,21 +162,10 @@ def test_differences_are_called_only_beyond_the_seed_spread():
 # -- end to end on the smoke config ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import datasets
-
-    root = tmp_path_factory.mktemp("study_data")
     texts = {"prose": "It was a fine morning, and Emma walked {i} miles to Highbury with her sister. ",
              "code": "    def f{i}(x, y):\n        return x * {i} + y\n"}
-    rows = {s: {"text": [], "domain": [], "source": []} for s in ("train", "validation")}
-    for d, t in texts.items():
-        for i in range(40):
-            split = "validation" if i % 4 == 0 else "train"
-            rows[split]["text"].append(t.format(i=i) * 12)
-            rows[split]["domain"].append(d)
-            rows[split]["source"].append(d)
-    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()}).save_to_disk(str(root / "corpus"))
-    (root / "corpus" / "manifest.json").write_text(json.dumps({"corpus_sha256": "router-study-tiny"}))
-    return root / "corpus"
+    return write_tiny_corpus(tmp_path_factory.mktemp("study_data"), texts, docs_per_domain=40, val_every=4,
+                             tag="router-study-tiny")
 
 
 def sweep_args(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> list[str]:
