@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,18 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
-def make_loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of a run folder: new for a fresh start, kept when resuming from a checkpoint, so a resumed
+    sitting (``ckpt_path=last``) logs into the same W&B run (offline, each sitting is a folder
+    ``offline-run-*-<id>[-N]``; ``wandb sync`` puts them together)."""
+    path = Path(run_dir) / "wandb_run_id"
+    if not resuming or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(4))  # 8 lowercase hex characters: a valid W&B run id
+    return path.read_text().strip()
+
+
+def make_loggers(cfg: DictConfig, tags: list[str], run_dir: Path | None = None, resuming: bool = False) -> list[Any]:
     loggers = []
     for key, lcfg in (cfg.get("logger") or {}).items():
         if not isinstance(lcfg, DictConfig) or "_target_" not in lcfg:
@@ -186,6 +198,8 @@ def make_loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
         kwargs: dict[str, Any] = {}
         if lcfg._target_.endswith("WandbLogger"):
             kwargs["tags"] = tags
+            if run_dir is not None and not lcfg.get("id"):
+                kwargs.update(id=wandb_run_id(run_dir, resuming), resume="allow")
             mode = os.environ.get("WANDB_MODE")
             if mode:  # the environment wins over offline: true (WANDB_MODE=online|offline|disabled)
                 kwargs.update(offline=mode in ("offline", "dryrun"), mode=mode)
@@ -304,7 +318,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         config=config,
     )
     tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
-    loggers = make_loggers(cfg, tags)
+    loggers = make_loggers(cfg, tags, run_dir if launch_rank() == 0 else None, resuming=ckpt_path is not None)
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),

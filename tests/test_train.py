@@ -239,3 +239,11 @@ def test_weight_decay_skips_only_norm_gains(tiny_args):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(no_decay["params"]) == 2 * tiny_args.n_layers + 1  # attention_norm, ffn_norm per layer; final norm
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()["total"]
+
+
+def test_resumed_sitting_logs_into_the_same_wandb_run(tmp_path):
+    run(compose_run(tmp_path, "logger=wandb", "trainer.max_steps=2", "scheduler.total_steps=4"))
+    run(compose_run(tmp_path, "logger=wandb", "trainer.max_steps=4", "scheduler.total_steps=4", "ckpt_path=last"))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    sittings = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(sittings) == 2 and all(f"-{run_id}" in name for name in sittings), sittings
