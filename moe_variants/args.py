@@ -67,8 +67,3 @@ class ModelArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    # -- parameter counts -------------------------------------------------------------------------------
-    def expert_params(self) -> int:
-        """Parameters of one SwiGLU expert (w1, w2, w3)."""
-        return 3 * self.dim * self.hidden_dim

@@ -20,6 +20,7 @@ from moe_variants.args import ModelArgs
 from moe_variants.model import Transformer
 
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
+_ATTN_TO_HF = {ours: hf for hf, ours in _ATTN.items()}
 
 
 def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
@@ -192,8 +193,7 @@ def save_hf(model: Transformer, path: str | Path) -> None:
         elif name == "output.weight":
             out["lm_head.weight"] = t
         elif m := re.fullmatch(r"layers\.(\d+)\.attention\.(w[qkvo])\.weight", name):
-            hf_name = {v: k for k, v in _ATTN.items()}[m[2]]
-            out[f"model.layers.{m[1]}.self_attn.{hf_name}.weight"] = t
+            out[f"model.layers.{m[1]}.self_attn.{_ATTN_TO_HF[m[2]]}.weight"] = t
         elif m := re.fullmatch(r"layers\.(\d+)\.attention_norm\.weight", name):
             out[f"model.layers.{m[1]}.input_layernorm.weight"] = t
         elif m := re.fullmatch(r"layers\.(\d+)\.ffn_norm\.weight", name):

@@ -88,9 +88,9 @@ class RoutingContext:
             if span.kind == "fixed":
                 pos = torch.arange(self.history_ids.shape[1], device=self.history_ids.device)
                 return spans.fixed_starts(pos, span.span_len).expand_as(self.history_ids)
+            if self._span_start is not None and self.history_ids.shape[1] == self.seq_len:
+                return self._span_start  # the data side's flags cover the whole history
             if self.word_start_table is None:
-                if self._span_start is not None and self.history_ids.shape[1] == self.seq_len:
-                    return self._span_start
                 raise ValueError(
                     "word spans need the tokenizer's word-start table: build the model with "
                     "word_start_table=<tokenizer's table> or pass span_start"
@@ -106,11 +106,6 @@ class RoutingContext:
     def span_starts(self, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
         """(B, S) bool: True where a new span starts (current chunk)."""
         return self.history_span_start(span)[:, -self.seq_len :]
-
-    @property
-    def span_start(self) -> torch.Tensor:
-        """(B, S) bool word-start flags of the current chunk."""
-        return self.span_starts()
 
     def span_prefix_hash(self, max_len: int, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
         """(B, S) int64 hash of the span prefix ending at each token (causal)."""

@@ -59,7 +59,7 @@ def word_start_table(pieces: Sequence[str], special_ids: Sequence[int] = ()) -> 
 
 def word_starts(token_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """(B, S) bool word-start flags; position 0 of every row always starts a span."""
-    if token_ids.numel() and int(token_ids.max()) >= table.numel():
+    if not torch.compiler.is_compiling() and token_ids.numel() and int(token_ids.max()) >= table.numel():
         raise ValueError(
             f"token id {int(token_ids.max())} is outside the word-start table of {table.numel()} entries: "
             f"the tokenizer does not match the model's vocabulary"
@@ -91,8 +91,7 @@ def prefix_hash(token_ids: torch.Tensor, starts: torch.Tensor, max_len: int = 16
     """(B, S) int64 polynomial hash of the span prefix ending at each position (causal).
 
     The prefix is the tokens from the span start up to and including t, truncated to its last ``max_len``
-    tokens. Equal prefixes get equal hashes wherever they occur; the hash of a complete word equals
-    :func:`sequence_hash` of its token ids.
+    tokens. Equal prefixes get equal hashes wherever they occur.
     """
     B, S = token_ids.shape
     first = start_index(starts).clamp(min=0)  # (B, S)
@@ -107,13 +106,6 @@ def prefix_hash(token_ids: torch.Tensor, starts: torch.Tensor, max_len: int = 16
         power = power * _HASH_BASE % _HASH_MOD
     return h
 
-
-def sequence_hash(ids: Sequence[int], max_len: int = 16) -> int:
-    """The :func:`prefix_hash` value of a complete span given as a list of token ids."""
-    h = 0
-    for i in list(ids)[-max_len:]:
-        h = (h * _HASH_BASE + i + 1) % _HASH_MOD
-    return h
 
 
 def full_span_hash(token_ids: torch.Tensor, starts: torch.Tensor, max_len: int = 16) -> torch.Tensor:

@@ -37,22 +37,11 @@ class RoutingVocab:
     tokenizer_fingerprint: str
     version: int = ROUTING_VOCAB_VERSION
 
-    @property
-    def size(self) -> int:
-        return self.hashes.numel()
-
-    @property
-    def num_ids(self) -> int:
-        return self.size + self.num_buckets
-
-    def lookup(self, span_hash: torch.Tensor) -> torch.Tensor:
-        """Routing ids (same shape as ``span_hash``)."""
-        return lookup_routing_ids(span_hash, self.hashes, self.ranks, self.num_buckets)
-
 
 def lookup_routing_ids(
     span_hash: torch.Tensor, hashes: torch.Tensor, ranks: torch.Tensor, num_buckets: int
 ) -> torch.Tensor:
+    """Routing ids (shape of ``span_hash``) from a vocabulary's sorted ``hashes`` and their ``ranks``."""
     span_hash = span_hash.contiguous()
     pos = torch.searchsorted(hashes, span_hash).clamp(max=hashes.numel() - 1)
     found = hashes[pos] == span_hash
