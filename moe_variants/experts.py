@@ -56,6 +56,12 @@ class LocalDispatcher:
         return (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(dim=1)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's dtype where autocast is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with fused weights; subclasses choose how the grouped matmuls run."""
 
@@ -98,9 +104,10 @@ class GroupedExperts(Experts):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         F_ = self.hidden_dim
         offs = tokens_per_expert.cumsum(0).to(torch.int32)  # group ends, stays on device
-        w13, w2 = self.w13, self.w2
-        if x_ND.dtype != w13.dtype:  # autocast does not cover grouped_mm
-            w13, w2 = w13.to(x_ND.dtype), w2.to(x_ND.dtype)
+        # autocast does not cover grouped_mm: without this, bf16-mixed training (fp32 weights and fp32 norm
+        # outputs) would run the expert GEMMs, most of the model's FLOPs, in fp32
+        dtype = compute_dtype(x_ND)
+        x_ND, w13, w2 = (t if t.dtype == dtype else t.to(dtype) for t in (x_ND, self.w13, self.w2))
         h = _grouped_mm(x_ND, w13.transpose(-2, -1), offs=offs)  # (N, 2F)
         a = F.silu(h[:, :F_]) * h[:, F_:]
         return _grouped_mm(a, w2.transpose(-2, -1), offs=offs)  # (N, D)

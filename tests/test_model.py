@@ -99,6 +99,26 @@ def test_loop_and_grouped_experts_agree_fp32(seed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_experts_follow_autocast():
+    """Under bf16-mixed (fp32 weights, fp32 activations, autocast on) the grouped GEMMs run in bf16, as the loop's
+    autocast-covered matmuls do, and the fp32 weights get fp32 gradients."""
+    torch.manual_seed(0)
+    E, D, Fh, T, K = 4, 32, 48, 40, 2
+    loop = LoopExperts(dim=D, hidden_dim=Fh, num_experts=E)
+    loop.reset_parameters(0.1)
+    grouped = GroupedExperts(dim=D, hidden_dim=Fh, num_experts=E)
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(T, D)
+    ids = torch.rand(T, E).argsort(-1)[:, :K]
+    d = LocalDispatcher(E).dispatch(x, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_loop, y_grouped = loop(d.x, d.tokens_per_expert), grouped(d.x, d.tokens_per_expert)
+    assert y_grouped.dtype == y_loop.dtype == torch.bfloat16
+    torch.testing.assert_close(y_grouped.float(), y_loop.float(), atol=2e-2, rtol=2e-2)
+    y_grouped.float().sum().backward()
+    assert grouped.w13.grad.dtype == grouped.w2.grad.dtype == torch.float32
+
+
 @pytest.mark.gpu
 def test_loop_and_grouped_experts_agree_bf16_cuda():
     torch.manual_seed(0)
