@@ -194,4 +194,5 @@ def test_benchmark_script_cpu(tmp_path: Path):
     result = json.loads((out / "expert_parallel.json").read_text())
     assert result["world_size"] == 2 and result["losses_match"], result
     assert len(result["single"]["losses"]) == 3 and result["ep"]["tokens_per_s"] > 0
+    assert result["single_share"]["tokens_per_s"] > 0 and result["weak_scaling_speedup"] > 0
     assert (out / "expert_parallel.md").is_file()

@@ -2,7 +2,8 @@
 
 Run with one process per GPU; rank 0 first trains the plain single-GPU model on the whole global batch (the
 other ranks wait), then all ranks train the expert-parallel model (each rank: E/W experts, B/W sequences,
-all-to-all token dispatch, ``parallel.sync_expert_parallel_grads``, EP-aware grad clipping). Both runs use
+all-to-all token dispatch, ``parallel.sync_expert_parallel_grads``, EP-aware grad clipping), then rank 0 trains
+the single-GPU model once more on one rank's share (B/W sequences) for the weak-scaling baseline. The runs use
 AdamW, grad clipping at 1.0, the LM loss only (per-rank aux losses are not the global-batch ones), and the
 same seeded random tokens. Rank 0 writes ``expert_parallel.json`` and ``expert_parallel.md`` to ``--out`` and
 the script exits 1 when the per-step losses differ by more than ``--tol``.
@@ -12,7 +13,8 @@ the script exits 1 when the per-step losses differ by more than ``--tol``.
 
 Trailing ``key=value`` arguments are Hydra overrides of ``conf/config.yaml`` (``model=gpu_medium router=hash
 model.num_experts=8``). Throughput is strong scaling: tokens/s of W GPUs on the global batch over tokens/s of
-one GPU on the same batch (so the single-GPU run must fit that batch).
+one GPU on the same batch (so the single-GPU run must fit that batch). Weak scaling: tokens/s of W GPUs over
+tokens/s of one GPU doing one rank's share (the same work per GPU), the usual data-parallel scaling figure.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     """Train ``a.steps`` steps on this rank's rows; returns the global-batch losses and timing."""
     from moe_variants import parallel
 
+    B = ids.shape[1]  # the global batch of this run (sequences)
     W, r = (dist.get_world_size(), dist.get_rank()) if ep else (1, 0)
-    rows = slice(r * a.batch_size // W, (r + 1) * a.batch_size // W)
+    rows = slice(r * B // W, (r + 1) * B // W)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr,
@@ -153,12 +156,12 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = float(t)
     return {"losses": losses, "step_time_s": elapsed / max(timed, 1),
-            "tokens_per_s": a.batch_size * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
+            "tokens_per_s": B * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
             "peak_mem_gib_per_rank": peak}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    s, e = res["single"], res["ep"]
+    s, e, w = res["single"], res["ep"], res["single_share"]
     precision = "fp32" if res["precision"] == "32" else res["precision"]
     lines = [
         f"# Expert parallelism: 1 vs {res['world_size']} {res['device']} ranks",
@@ -173,8 +176,14 @@ def markdown(res: dict[str, Any]) -> str:
         f"{s['losses'][-1]:.5f} |",
         f"| EP x{res['world_size']} | {e['tokens_per_s']:.0f} | {e['step_time_s']:.4f} | "
         f"{e['peak_mem_gib_per_rank']:.2f} | {e['losses'][-1]:.5f} |",
+        f"| 1 rank, one rank's share ({res['batch_size'] // res['world_size']} x {res['seq_len']}) | "
+        f"{w['tokens_per_s']:.0f} | {w['step_time_s']:.4f} | {w['peak_mem_gib_per_rank']:.2f} | "
+        f"{w['losses'][-1]:.5f} |",
         "",
-        f"Speedup {res['speedup']:.2f}x; max |loss difference| over all steps {res['max_abs_loss_diff']:.2e} "
+        f"Speedup on the same global batch (strong scaling) {res['speedup']:.2f}x; with the same work per GPU "
+        f"(weak scaling) **{res['weak_scaling_speedup']:.2f}x**.",
+        "",
+        f"Max |loss difference| (1 rank vs EP, same global batch) over all steps {res['max_abs_loss_diff']:.2e} "
         f"(tolerance {res['tol']:.0e}): {'match' if res['losses_match'] else 'MISMATCH'}.",
         "",
         "| step | 1 rank | EP |",
@@ -201,13 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, ep=True)
         if rank != 0:
             return 0
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        share = a.batch_size // world  # weak-scaling baseline: one GPU doing one rank's share
+        single_share = train(build(cfg, a, word_start, dev, ep=False), ids[:, :share], labels[:, :share], a, dev,
+                             ep=False)
         diff = max(abs(x - y) for x, y in zip(single["losses"], ep["losses"]))
         res = {
             "world_size": world, "device": a.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else platform.processor(), "torch": torch.__version__, "overrides": overrides,
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
-            "compile": a.compile, "single": single, "ep": ep, "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
+            "compile": a.compile, "single": single, "ep": ep, "single_share": single_share,
+            "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
+            "weak_scaling_speedup": ep["tokens_per_s"] / single_share["tokens_per_s"],
             "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol,
         }
         out = Path(a.out)
