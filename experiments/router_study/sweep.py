@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="report folder (default results/<study>)")
     p.add_argument("--parallel", type=int, default=1, help="jobs at once")
     p.add_argument("--gpus", default="auto", help="GPUs to spread jobs over (job slot i uses GPU i %% n); 0 = none")
+    p.add_argument("--gpu-ids", default=None,
+                   help="comma-separated GPU ids to use instead of 0..n-1 (e.g. 1: leave GPU 0 to other work)")
     p.add_argument("--launch-until", type=float, default=None, help="seconds after which no new job starts")
     p.add_argument("--distill-windows", type=int, default=2048)
     p.add_argument("--no-prepare", action="store_true", help="skip building the data caches first")
@@ -98,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = study_config(a.study, overrides)
     max_steps, root = int(cfg.trainer.max_steps), Path(str(cfg.study_root))
     data_args = [x for o in overrides if o.startswith("data.") for x in ("--data", o[len("data."):])]
-    if a.gpus == "auto":
+    if a.gpu_ids is not None:
+        gpu_ids = [g.strip() for g in a.gpu_ids.split(",") if g.strip()]
+    elif a.gpus == "auto":
         import torch
 
-        n_gpus = torch.cuda.device_count()
+        gpu_ids = [str(i) for i in range(torch.cuda.device_count())]
     else:
-        n_gpus = int(a.gpus)
+        gpu_ids = [str(i) for i in range(int(a.gpus))]
+    n_gpus = len(gpu_ids)
     (root / "logs").mkdir(parents=True, exist_ok=True)
 
     jobs = plan(arms, seeds)
@@ -140,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             pending.remove(j)
             env = dict(os.environ)
             if n_gpus > 0:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpus)
+                env["CUDA_VISIBLE_DEVICES"] = gpu_ids[slot % n_gpus]
             log = open(root / "logs" / f"{j.kind}-{j.arm}-s{j.seed}.log", "a")
             running[slot] = (subprocess.Popen(command(j), stdout=log, stderr=subprocess.STDOUT, env=env), j,
                              time.monotonic())
             log.close()
-            print(f"[sweep] start {j.key} (slot {slot}{f', GPU {slot % n_gpus}' if n_gpus else ''})", flush=True)
+            print(f"[sweep] start {j.key} (slot {slot}{f', GPU {gpu_ids[slot % n_gpus]}' if n_gpus else ''})",
+                  flush=True)
         for slot, (proc, j, start) in list(running.items()):
             if proc.poll() is None:
                 continue
