@@ -41,7 +41,7 @@ def build_model(
     router = instantiate(cfg.router)
     return Transformer(
         model_args(cfg), router=router, experts=cfg.experts.impl, word_start_table=word_start_table,
-        resources=resources,
+        resources=resources, activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
     )
 
 

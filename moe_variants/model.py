@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_variants.args import ModelArgs
 from moe_variants.experts import Experts, LocalDispatcher, make_experts
@@ -199,6 +200,9 @@ class Transformer(nn.Module):
         resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
         loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
             never sit in memory at once.
+        activation_checkpointing: in training (``model.train()``, grad enabled, no KV cache), keep only each
+            block's inputs and recompute its activations in backward (non-reentrant ``torch.utils.checkpoint``):
+            less activation memory for about one more forward pass; results and gradients are unchanged.
     """
 
     def __init__(
@@ -209,10 +213,12 @@ class Transformer(nn.Module):
         word_start_table: torch.Tensor | None = None,
         resources: Any = None,
         loss_chunk_tokens: int = 8192,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.args = args
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.activation_checkpointing = activation_checkpointing
         router = router or default_router
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList()
@@ -312,8 +318,12 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         cos, sin = self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype)
         routing = []
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h, r = layer(h, cos, sin, positions, ctx, cache.layers[i] if cache else None)
+            if recompute:  # RNG state (router jitter) is restored for the recomputation
+                h, r = checkpoint(layer, h, cos, sin, positions, ctx, None, use_reentrant=False)
+            else:
+                h, r = layer(h, cos, sin, positions, ctx, cache.layers[i] if cache else None)
             routing.append(r)
         h = self.norm(h)
         if return_logits is None:

@@ -105,6 +105,12 @@ def test_loss_coefficients_live_in_loss_config_only():
     assert dict(cfg.loss) == {"load_balance": 0.01, "z_loss": 0.001}
 
 
+@pytest.mark.parametrize("flag", [None, "true", "false"])
+def test_activation_checkpointing_key_reaches_the_model(flag):
+    cfg = compose_cfg([] if flag is None else [f"activation_checkpointing={flag}"])
+    assert build_model(cfg).activation_checkpointing is (flag == "true")  # off by default
+
+
 def test_unknown_config_name_lists_choices(tmp_path):
     cmd = [sys.executable, "-m", "moe_variants.train", "router=nope", "data=standin",
            f"hydra.searchpath=[file://{TEST_CONF_DIR}]"]

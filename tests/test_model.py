@@ -1,7 +1,10 @@
-"""Core model: shapes, causality, equivalences (1 expert = dense SwiGLU; loop = grouped experts),
-balance-loss normalisation, parameter counts, cached generation, and clear errors for bad sizes."""
+"""Core model: shapes, causality, equivalences (1 expert = dense SwiGLU; loop = grouped experts; activation
+checkpointing on = off), balance-loss normalisation, parameter counts, cached generation, and clear errors for bad
+sizes."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.experts import GroupedExperts, LocalDispatcher, LoopExperts
 from moe_variants.losses import compose_loss, load_balance_loss
 from moe_variants.model import RMSNorm
+from moe_variants.routers.hash import HashRouter
+from moe_variants.routers.topk import TopKRouter
 
 
 def tiny(**kw) -> ModelArgs:
@@ -179,6 +184,65 @@ def test_chunked_loss_equals_full_cross_entropy_and_gradients():
     params = [model.output.weight, model.tok_embeddings.weight, model.layers[0].attention.wq.weight]
     for g1, g2 in zip(torch.autograd.grad(out.lm_loss, params), torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "router",
+    [None, functools.partial(TopKRouter, jitter_eps=0.1), functools.partial(HashRouter, weights="learned"),
+     HashRouter],
+    ids=["topk", "topk_jitter", "hash_learned", "hash_uniform"],
+)
+def test_activation_checkpointing_keeps_loss_routing_and_gradients(router):
+    """Recomputing each block in backward changes nothing: loss, every RouterOutput field (aux losses included)
+    and every parameter gradient are those of the plain model (jitter noise: the RNG state is restored)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(), router=router)
+    ids = torch.randint(0, 500, (2, 16))
+    results = []
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(ids, labels=ids.roll(-1, 1))
+        loss, _ = compose_loss(out.lm_loss, out.routing, {"load_balance": 0.5, "z_loss": 0.1})
+        loss.backward()
+        results.append((loss.detach(), out.routing, {n: p.grad for n, p in model.named_parameters()}))
+    (loss0, routing0, grads0), (loss1, routing1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for r0, r1 in zip(routing0, routing1, strict=True):
+        assert torch.equal(r0.expert_ids, r1.expert_ids)
+        torch.testing.assert_close(r1.weights, r0.weights, rtol=1e-6, atol=0)
+        assert (r0.logits is None) == (r1.logits is None)
+        if r0.logits is not None:
+            torch.testing.assert_close(r1.logits, r0.logits, rtol=1e-6, atol=0)
+        assert r1.aux_losses.keys() == r0.aux_losses.keys()
+        for k in r0.aux_losses:
+            torch.testing.assert_close(r1.aux_losses[k], r0.aux_losses[k], rtol=1e-6, atol=0)
+    assert grads1.keys() == grads0.keys()
+    for n, g0 in grads0.items():
+        assert g0 is not None and grads1[n] is not None, n
+        torch.testing.assert_close(grads1[n], g0, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_activation_checkpointing_only_in_training(monkeypatch):
+    """The checkpoint wraps every block in training only: not in eval, under no_grad or with a KV cache."""
+    import moe_variants.model as model_mod
+
+    calls = []
+    real = model_mod.checkpoint
+    monkeypatch.setattr(model_mod, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = Transformer(tiny(), activation_checkpointing=True)
+    ids = torch.randint(0, 500, (1, 8))
+    model(ids, labels=ids)
+    assert calls == [{"use_reentrant": False}] * 2
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    model(ids, cache=model.new_cache())
+    model.eval()(ids)
+    model.generate(ids, max_new_tokens=2)
+    assert calls == []
+    assert Transformer(tiny()).activation_checkpointing is False
 
 
 def test_mixtral_8x7b_parameter_counts_on_meta_device():
