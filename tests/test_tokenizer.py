@@ -145,6 +145,25 @@ def test_mixtral_cache_and_fingerprint(mixtral):
     assert len(T.tokenizer_fingerprint(mixtral)) == 64
 
 
+def test_mixtral_loads_from_cache_without_mistral_common(mixtral, monkeypatch):
+    def missing():
+        raise ModuleNotFoundError("No module named 'mistral_common'")
+
+    monkeypatch.setattr(T, "mixtral_model_path", missing)  # a machine that got the data but not the package
+    assert T.tokenizer_fingerprint(T.load_tokenizer("mixtral")) == T.tokenizer_fingerprint(mixtral)
+
+
+def test_mixtral_refuses_another_model_file(tmp_path, monkeypatch):
+    from moe_variants import paths
+
+    other = tmp_path / "tokenizer.model"
+    other.write_bytes(b"not the pinned model")
+    monkeypatch.setattr(paths, "tokenizers_dir", lambda: tmp_path / "tok")  # nothing cached
+    monkeypatch.setattr(T, "mixtral_model_path", lambda: other)
+    with pytest.raises(ValueError, match="not the Mixtral tokenizer.model this project pins"):
+        T.load_tokenizer("mixtral")
+
+
 def test_word_start_table(mixtral):
     table = T.word_start_table_for(mixtral)
     assert table.shape == (32000,) and table.dtype == torch.bool

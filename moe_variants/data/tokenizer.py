@@ -24,6 +24,7 @@ from moe_variants.spans import word_start_table
 
 SPM_SPACE = "\u2581"  # "▁", SentencePiece's whitespace marker
 MIXTRAL_MODEL = ("mistral_common", "data/tokenizer.model.v1")
+MIXTRAL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"  # Mixtral-8x7B tokenizer.model
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>", "<bos>", "[CLS]")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 in every tokenizer built here (as in Mixtral)
@@ -111,12 +112,19 @@ def _save_atomic(tok: Tokenizer, path: Path) -> None:
 
 
 def _mixtral() -> Tokenizer:
-    model = mixtral_model_path().read_bytes()
-    key = _sha256(model)[:16]
-    cache = paths.tokenizers_dir() / f"mixtral-v1-{key}.json"
+    """The converted Mixtral tokenizer, cached under the source model's pinned hash: once converted (by
+    ``moe-data`` / setup) it loads without ``mistral-common`` (e.g. on a GPU machine that only got the data)."""
+    cache = paths.tokenizers_dir() / f"mixtral-v1-{MIXTRAL_SHA256[:16]}.json"
     if cache.is_file():
         tok = Tokenizer.from_file(str(cache))
     else:
+        path = mixtral_model_path()
+        model = path.read_bytes()
+        if _sha256(model) != MIXTRAL_SHA256:
+            raise ValueError(
+                f"{path} (sha256 {_sha256(model)[:16]}…) is not the Mixtral tokenizer.model this project pins "
+                f"(sha256 {MIXTRAL_SHA256[:16]}…): install the mistral-common version from pyproject.toml"
+            )
         tok = spm_to_tokenizer(model)
         _save_atomic(tok, cache)
     tok.encode_special_tokens = True  # not always kept by the JSON round trip
