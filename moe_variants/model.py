@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_variants.args import ModelArgs
-from moe_variants.experts import Experts, LocalDispatcher, make_experts
+from moe_variants.experts import Experts, LocalDispatcher, compute_dtype, make_experts
 from moe_variants.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
 
 
@@ -117,7 +117,9 @@ class MoE(nn.Module):
         B, S, D = x.shape
         routing = self.router(x, ctx)
         K = routing.expert_ids.shape[-1]
-        d = self.dispatcher.dispatch(x.reshape(B * S, D), routing.expert_ids.reshape(B * S, K))
+        x_TD = x.reshape(B * S, D)
+        x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: cast once, before the copies are made and moved
+        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K))
         y = self.experts(d.x, d.tokens_per_expert)
         out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
         return out.view(B, S, D), routing
@@ -167,6 +169,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        vocab = torch.arange(weight.shape[0], device=h.device)  # (V,)
         for start in range(0, h.shape[0], chunk):
             h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
             logits = (h_c @ weight.t()).float()  # (n, V)
@@ -175,9 +178,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y_safe[:, None]).squeeze(1)
             total = total + torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
-            d_logits = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - one_hot
-            d_logits.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
-            d_logits = (d_logits * valid[:, None]).to(h.dtype)
+            # d loss / d logits = softmax - one_hot, as one pointwise expression of (logits, lse, labels): under
+            # compile it is a single pass over the logits (no fp32 softmax or one-hot in memory)
+            one_hot = vocab[None, :] == y_safe[:, None]
+            d_logits = ((torch.exp(logits - lse[:, None]) - one_hot.float()) * valid[:, None]).to(h.dtype)
             grad_h[start : start + chunk] = d_logits @ weight
             grad_w += (d_logits.t() @ h_c).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

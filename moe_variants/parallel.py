@@ -227,15 +227,19 @@ def sync_expert_parallel_grads(model: nn.Module, dense_group: Any = None, expert
     scale_expert_grads(model, expert_replica_group)
 
 
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
 def _all_reduce_mean(tensors: list[torch.Tensor], group: Any) -> None:
     """One flat all-reduce per dtype (few large messages instead of one per parameter)."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
     n = dist.get_world_size(group)
-    for ts in by_dtype.values():
+    for ts in _by_dtype(tensors).values():
         flat = _flatten_dense_tensors(ts)
         dist.all_reduce(flat, group=group)
         flat.div_(n)
@@ -256,7 +260,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
         device = (dense or experts)[0].device
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+        if not grads:
+            return torch.zeros((), device=device)
+        # a few fused kernels per dtype, not a chain of kernels per gradient
+        norms = [torch.stack(torch._foreach_norm(group)).float() for group in _by_dtype(grads).values()]
+        return torch.cat(norms).pow(2).sum()
 
     expert_sq = sq(experts)
     if W > 1:

@@ -50,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="default: bf16-mixed on cuda, 32 on cpu")
     p.add_argument("--tol", type=float, default=None, help="max |loss diff| (default 2e-2 bf16, 1e-4 fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the EP run, profile N more steps (torch.profiler) and write rank 0's top kernels")
     a = p.parse_args(argv)
     a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32")
     a.tol = a.tol if a.tol is not None else (2e-2 if a.precision == "bf16-mixed" else 1e-4)
@@ -125,13 +127,20 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     losses, t0 = [], None
-    for step in range(a.steps):
+    for step in range(a.steps + (a.profile if ep else 0)):
+        if step == a.steps:  # the extra, profiled steps (not timed, not compared)
+            sync()
+            elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
+            prof.__enter__()
         if step == a.warmup:
             sync()
             if ep:
                 dist.barrier()
             t0 = time.perf_counter()
-        x, y = ids[step, rows].to(dev, non_blocking=True), labels[step, rows].to(dev, non_blocking=True)
+        i = step % a.steps  # (the profiled steps reuse the data)
+        x, y = ids[i, rows].to(dev, non_blocking=True), labels[i, rows].to(dev, non_blocking=True)
         with autocast:
             loss = fwd(x, labels=y).lm_loss
         loss.backward()
@@ -148,7 +157,17 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
             loss /= W
         losses.append(float(loss))  # (a host sync per step, as a logger would)
     sync()
-    elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+    if ep and a.profile:
+        prof.__exit__(None, None, None)
+        losses = losses[: a.steps]
+        if r == 0:
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / "profile_ep_rank0.txt").write_text(f"{a.profile} steps, EP rank 0\n{table}")
+            print(table)
+    else:
+        elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
     timed = a.steps - a.warmup
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
     if ep and dev.type == "cuda":
