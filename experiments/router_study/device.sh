@@ -6,6 +6,7 @@
 #   SWEEP_ARGS="..." bash experiments/router_study/device.sh start [TAG] [SECS]
 #                                                            # THERE: setup, start a sweep detached, wait SECS (0: return)
 #   bash experiments/router_study/device.sh wait [SECS]      # THERE, next calls: wait for the sweeps, collect results
+#   setsid nohup bash experiments/router_study/device.sh analyze-loop &   # THERE: analyse runs as they finish
 #
 # Several sweeps can run at once on disjoint arms and GPUs (e.g. one on GPU 1 while GPU 0 runs a benchmark):
 #   SWEEP_ARGS="--arms topk,hash_distilled --gpu-ids 1 --parallel 3 --no-analyze" device.sh start g1 0
@@ -24,7 +25,7 @@ ROOT=runs/router_study
 
 collect() {
   [ -n "${OUT:-}" ] || return 0
-  local files=(results/router_study "$ROOT"/logs "$ROOT"/sweep*.log)
+  local files=(results/router_study "$ROOT"/logs "$ROOT"/sweep*.log "$ROOT"/analyze-loop.log)
   files+=("$ROOT"/*/report.json "$ROOT"/*/report.md "$ROOT"/*/.hydra "$ROOT"/*/wandb)
   files+=("$ROOT"/distilled_hash/*.json)
   tar czf "$OUT/router_study.tgz" --ignore-failed-read "${files[@]}" 2>/dev/null || true
@@ -85,6 +86,14 @@ case "${1:-}" in
     sleep 5
     if [ "${3:-540}" != 0 ]; then wait_for_sweeps "${3:-540}"; fi
     collect
+    ;;
+  analyze-loop)  # THERE, detached (setsid): analyse runs as they finish (cached per run), so the end is quick
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    sleep 60
+    while pgrep -f "router_study/sweep.py" >/dev/null; do
+      python3 experiments/router_study/analyze.py --study router_study >> "$ROOT/analyze-loop.log" 2>&1 || true
+      sleep 20
+    done
     ;;
   wait)
     wait_for_sweeps "${2:-560}"
