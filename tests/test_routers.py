@@ -6,6 +6,7 @@ router file + config is covered by the contract and audit tests with no new test
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.audit import AUDIT_ARGS, audit_router, synthetic_resources
-from moe_variants.routers.hash import HashRouter, balanced_expert_table
+from moe_variants.routers.hash import HashRouter, balanced_expert_table, lpt_expert_table
 from moe_variants.routers.resources import RoutingResources
 from moe_variants.routers.topk import TopKRouter
 from moe_variants.routing import LayerSpec, RoutingContext
@@ -25,6 +26,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "router"
 ROUTER_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
 VARIANTS = {
     "hash-balanced": ("hash", {"table": "balanced"}),
+    "hash-balanced-lpt": ("hash", {"table": "balanced_lpt"}),
     "hash-prev_token": ("hash", {"table": "prev_token"}),
     "hash-bigram-learned": ("hash", {"table": "bigram", "weights": "learned"}),
     "span-fixed": ("span", {"spans": "fixed", "span_len": 3}),
@@ -136,7 +138,7 @@ def test_hash_routing_is_deterministic_and_differs_per_layer():
     assert (r == r[0]).all()
 
 
-@pytest.mark.parametrize("table", ["random", "balanced", "bigram"])
+@pytest.mark.parametrize("table", ["random", "balanced", "balanced_lpt", "bigram"])
 def test_hash_table_round_trips_through_a_checkpoint(table, tmp_path):
     model = build("hash", {"table": table, "seed": 3})
     path = tmp_path / "ckpt.pt"
@@ -151,12 +153,42 @@ def test_hash_table_round_trips_through_a_checkpoint(table, tmp_path):
         assert torch.equal(x.expert_ids, y.expert_ids)
 
 
-def test_balanced_table_equalises_token_mass_on_zipf_counts():
-    counts = 1e6 / torch.arange(1, 32001).double() ** 1.1  # Zipf, like real token frequencies
-    table = balanced_expert_table(counts, num_experts=8, top_k=2, seed=0)
+ZIPF = 1e6 / torch.arange(1, 32001).double() ** 1.1  # like real token frequencies
+
+
+def pair_mass(table: torch.Tensor, counts: torch.Tensor) -> dict[tuple[int, int], float]:
+    """Token mass per (sorted) expert pair."""
+    out: dict[tuple[int, int], float] = {}
+    for pair, c in zip(map(tuple, table.sort(1).values.tolist()), counts.tolist()):
+        out[pair] = out.get(pair, 0.0) + c
+    return out
+
+
+@pytest.mark.parametrize("build_table", [balanced_expert_table, lpt_expert_table])
+def test_balanced_tables_equalise_token_mass_on_zipf_counts(build_table):
+    table = build_table(ZIPF, num_experts=8, top_k=2, seed=0)
     assert (table[:, 0] != table[:, 1]).all()
-    mass = torch.zeros(8, dtype=torch.float64).index_add_(0, table.reshape(-1), counts.repeat_interleave(2))
+    mass = torch.zeros(8, dtype=torch.float64).index_add_(0, table.reshape(-1), ZIPF.repeat_interleave(2))
     assert ((mass / mass.mean() - 1).abs() < 0.05).all(), mass / mass.mean()
+
+
+def test_balanced_table_uses_every_expert_pair_and_differs_per_layer():
+    a, b = (balanced_expert_table(ZIPF, num_experts=8, top_k=2, seed=s) for s in (0, 1))
+    shares = torch.tensor(list(pair_mass(a, ZIPF).values())) / ZIPF.sum()
+    entropy = -(shares * shares.log()).sum() / math.log(28)  # 1 = uniform over pairs (a random table: ~0.88 here)
+    assert len(shares) == 28 and entropy > 0.85  # all 8-choose-2 pairs, spread like a random table's
+    same = (a.sort(1).values == b.sort(1).values).all(1).double()
+    assert (same * ZIPF).sum() / ZIPF.sum() < 0.1  # two layers share a pair for ~1/28 of the mass, as random ones
+
+
+def test_lpt_table_collapses_to_disjoint_pairs():
+    """Why ``balanced`` is not plain LPT: with K=2 the greedy pairs the experts up, the same way in every layer."""
+    a, b = (lpt_expert_table(ZIPF, num_experts=8, top_k=2, seed=s) for s in (0, 1))
+    assert len(pair_mass(a, ZIPF)) == 4
+    layer0_to_layer1 = {}
+    for x, y in zip(map(tuple, a.sort(1).values.tolist()), map(tuple, b.sort(1).values.tolist())):
+        layer0_to_layer1.setdefault(x, set()).add(y)
+    assert all(len(v) == 1 for v in layer0_to_layer1.values())  # one partition, relabelled
 
 
 def test_balanced_table_on_real_text_with_the_mixtral_tokenizer():

@@ -4,8 +4,12 @@ A fixed table maps a key to K distinct experts, different in every layer and sav
 buffer. Keys (``table``):
 
 - ``random``: the current token id, experts drawn at random (seeded);
-- ``balanced``: the current token id, ids assigned greedily in order of corpus frequency to the least
-  loaded experts, so every expert receives about the same token mass on the training data;
+- ``balanced``: the current token id; every expert receives the same token mass on the training data, and
+  the K-expert sets are as diverse as random ones (all E-choose-K sets used, a different partition per layer);
+- ``balanced_lpt``: the current token id, ids assigned greedily (most frequent first) to the K least loaded
+  experts. Balanced too, but for K > 1 it uses only E/K disjoint expert sets, the same partition in every
+  layer (relabelled): in effect E/K double-width experts. Kept because the first router study ran it
+  (``results/router_study``: it lost ~0.39 nats/token to ``random``);
 - ``prev_token``: the previous token id (the paper's context variant; the first position uses a "none" id);
 - ``bigram``: a hash of (previous, current) ids into ``num_buckets`` buckets;
 - ``file``: the current token id, experts read from ``table_path``, a ``.pt`` file holding a (n_layers, V, K)
@@ -26,7 +30,7 @@ from torch import nn
 
 from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
 
-TABLES = ("random", "balanced", "prev_token", "bigram", "file")
+TABLES = ("random", "balanced", "balanced_lpt", "prev_token", "bigram", "file")
 WEIGHTS = ("uniform", "learned")
 
 
@@ -37,8 +41,30 @@ def random_expert_table(num_keys: int, num_experts: int, top_k: int, seed: int) 
 
 
 def balanced_expert_table(counts: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """(V, K) int64: ids (most frequent first) go to the K experts with the lowest ``load + jitter``, the
+    jitter uniform in [0, E x the id's own count) and drawn per (id, expert) from ``seed``. Heavy ids still
+    land where the load is low, so the token mass ends balanced (the tail evens out what the head leaves), while
+    the jitter picks among near-equally loaded experts at random: every K-set is used, about uniformly, and
+    layers (seeds) partition the vocabulary independently (unlike :func:`lpt_expert_table`)."""
+    g = torch.Generator().manual_seed(seed)
+    V, E = counts.numel(), num_experts
+    mass = counts.double().tolist()
+    jitter = torch.rand(V, E, generator=g, dtype=torch.float64).tolist()
+    load = [0.0] * E
+    table = torch.empty(V, top_k, dtype=torch.int64)
+    for token in sorted(range(V), key=lambda i: (-mass[i], i)):
+        scale = max(mass[token], 1.0) * E
+        chosen = sorted(range(E), key=lambda e: load[e] + jitter[token][e] * scale)[:top_k]
+        for e in chosen:
+            load[e] += mass[token]
+        table[token] = torch.tensor(chosen)
+    return table
+
+
+def lpt_expert_table(counts: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
     """(V, K) int64: greedy longest-processing-time assignment of ids (most frequent first) to the K least
-    loaded distinct experts; expert labels are permuted by ``seed`` so layers differ."""
+    loaded distinct experts; expert labels are permuted by ``seed`` so layers differ (by a relabelling only:
+    for K > 1 the experts pair up into E/K fixed sets, the same partition in every layer)."""
     g = torch.Generator().manual_seed(seed)
     relabel = torch.randperm(num_experts, generator=g).tolist()
     order = sorted(range(counts.numel()), key=lambda i: (-float(counts[i]), i))
@@ -102,18 +128,19 @@ class HashRouter(Router):
         self.table_kind, self.weights_kind, self.num_buckets = table, weights, num_buckets
         E, K, V = spec.num_experts, spec.top_k, spec.vocab_size
         layer_seed = seed * 100_003 + spec.layer_idx  # a different table in every layer
-        num_keys = {"random": V, "balanced": V, "prev_token": V + 1, "bigram": num_buckets, "file": V}[table]
+        num_keys = {"prev_token": V + 1, "bigram": num_buckets}.get(table, V)
         if table == "file":
             if spec.resources is None and table_path is not None and not Path(table_path).is_file():
                 # rebuilt from a checkpoint (load_model) after the file was moved: the state dict holds the table
                 expert_table = torch.zeros(V, K, dtype=torch.int64)
             else:
                 expert_table = load_table_file(table_path, spec)
-        elif table == "balanced":
+        elif table in ("balanced", "balanced_lpt"):
             if spec.resources is None:  # being rebuilt from a checkpoint: the table comes from its state dict
                 expert_table = torch.zeros(V, K, dtype=torch.int64)
             else:
-                expert_table = balanced_expert_table(spec.resources.token_counts(), E, K, layer_seed)
+                build = balanced_expert_table if table == "balanced" else lpt_expert_table
+                expert_table = build(spec.resources.token_counts(), E, K, layer_seed)
         else:
             expert_table = random_expert_table(num_keys, E, K, layer_seed)
         self.register_buffer("expert_table", expert_table)  # (num_keys, K), saved in checkpoints
@@ -122,7 +149,7 @@ class HashRouter(Router):
     def keys(self, ctx: RoutingContext) -> torch.Tensor:
         """(B, S) int64 table rows for the current chunk (reads tokens <= t only)."""
         cur = ctx.token_ids
-        if self.table_kind in ("random", "balanced", "file"):
+        if self.table_kind in ("random", "balanced", "balanced_lpt", "file"):
             return cur
         hist = ctx.history_ids
         prev = torch.full_like(cur, self.spec.vocab_size)  # "none" before the first token
