@@ -178,10 +178,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y_safe[:, None]).squeeze(1)
             total = total + torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
-            # d loss / d logits = softmax - one_hot, as one pointwise expression of (logits, lse, labels): under
-            # compile it is a single pass over the logits (no fp32 softmax or one-hot in memory)
-            one_hot = vocab[None, :] == y_safe[:, None]
-            d_logits = ((torch.exp(logits - lse[:, None]) - one_hot.float()) * valid[:, None]).to(h.dtype)
+            # d loss / d logits = softmax - one_hot
+            if torch.compiler.is_compiling():  # one pointwise expression: inductor fuses it into one pass
+                d_logits = torch.exp(logits - lse[:, None]) - (vocab[None, :] == y_safe[:, None]).float()
+            else:  # eager: the fused softmax kernel, then the one-hot subtracted in place (2x faster on CPU)
+                d_logits = torch.softmax(logits, dim=-1)
+                d_logits.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
+            d_logits = (d_logits * valid[:, None]).to(h.dtype)
             grad_h[start : start + chunk] = d_logits @ weight
             grad_w += (d_logits.t() @ h_c).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

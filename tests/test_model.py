@@ -170,7 +170,10 @@ def test_compose_loss_applies_coefficients_and_rejects_unknown_losses():
         compose_loss(out.lm_loss, out.routing, {"load_balance": 0.01})
 
 
-def test_chunked_loss_equals_full_cross_entropy_and_gradients():
+@pytest.mark.parametrize("compiled_branch", [False, True], ids=["eager", "compile_expression"])
+def test_chunked_loss_equals_full_cross_entropy_and_gradients(compiled_branch, monkeypatch):
+    # the gradient expression used under torch.compile, run here in eager mode
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_branch)
     torch.manual_seed(0)
     model = Transformer(tiny(), loss_chunk_tokens=7)
     ids = torch.randint(0, 500, (2, 13))
