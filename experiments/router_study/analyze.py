@@ -322,6 +322,9 @@ def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], 
         L.append(f"| {arm} | {len(a['seeds'])} | {a['val_loss'].text()} | "
                  + " | ".join(a["val_loss_per_domain"].get(d, Stat([])).text() for d in domains)
                  + f" | {a['tokens_per_s'].text(0)} |")
+    L += ["", "tokens/s: each run's training throughput as it ran. Runs that shared a GPU or a host (a sweep with "
+          "`--parallel` > the number of GPUs) do not make a speed comparison; `experiments/bench/throughput.py` "
+          "does (`results/bench/`)."]
     if ref is not None:
         L += ["", f"Δ against `{REFERENCE}` (negative = lower loss). **Bold**: exceeds the seed spread (a "
               "difference); plain: within the spread (no difference called); `n<2`: too few seeds to judge.", "",
