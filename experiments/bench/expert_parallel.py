@@ -132,7 +132,8 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
             sync()
             elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                          + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []),
+                                          record_shapes=True)
             prof.__enter__()
         if step == a.warmup:
             sync()
@@ -160,12 +161,7 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     if ep and a.profile:
         prof.__exit__(None, None, None)
         losses = losses[: a.steps]
-        if r == 0:
-            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-            Path(a.out).mkdir(parents=True, exist_ok=True)
-            (Path(a.out) / "profile_ep_rank0.txt").write_text(f"{a.profile} steps, EP rank 0\n{table}")
-            print(table)
+        write_profile(prof, Path(a.out), r, a.profile, dev.type)
     else:
         elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
     timed = a.steps - a.warmup
@@ -177,6 +173,46 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     return {"losses": losses, "step_time_s": elapsed / max(timed, 1),
             "tokens_per_s": B * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
             "peak_mem_gib_per_rank": peak}
+
+
+def write_profile(prof: Any, out: Path, rank: int, steps: int, device: str) -> None:
+    """``profile_ep_rank<r>.txt``: the top ops by device time, then the collectives split by input shape (which
+    tells the per-layer count exchange, a few ints, from the token all-to-alls and the gradient all-reduce)."""
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    top = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    comms = [e for e in prof.key_averages(group_by_input_shape=True)
+             if any(k in e.key for k in ("all_to_all", "alltoall", "all_reduce", "allreduce"))]
+    lines = [f"{e.key[:50]:50s} shapes {str(e.input_shapes)[:60]:60s} calls {e.count:5d} "
+             f"device total {e.device_time_total / 1e3:9.2f} ms  cpu total {e.cpu_time_total / 1e3:9.2f} ms"
+             for e in sorted(comms, key=lambda e: -e.device_time_total)]
+    out.mkdir(parents=True, exist_ok=True)
+    text = f"{steps} steps, EP rank {rank}\n{top}\n\ncollectives by input shape:\n" + "\n".join(lines) + "\n"
+    (out / f"profile_ep_rank{rank}.txt").write_text(text)
+    if rank == 0:
+        print(text)
+
+
+def comm_probe(dev: torch.device, sizes_mib: tuple[int, ...] = (1, 8, 32, 128), iters: int = 10) -> list[dict]:
+    """All-to-all bandwidth with no compute around it (equal splits, bf16): what the token exchange could cost
+    at best. ``gb_per_s``: bytes this rank sends to other ranks per second."""
+    W = dist.get_world_size()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for mib in sizes_mib:
+        n = mib * 2**20 // 2 // W * W  # bf16 elements, divisible by W
+        x, y = torch.randn(n, device=dev).to(torch.bfloat16), torch.empty(n, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            dist.all_to_all_single(y, x)
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dist.all_to_all_single(y, x)
+        sync()
+        dt = (time.perf_counter() - t0) / iters
+        sent = 2 * n * (W - 1) / W
+        rows.append({"mib": mib, "seconds": dt, "gb_per_s": sent / dt / 1e9})
+    return rows
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -209,6 +245,10 @@ def markdown(res: dict[str, Any]) -> str:
         "|---:|---:|---:|",
     ]
     lines += [f"| {i} | {x:.6f} | {y:.6f} |" for i, (x, y) in enumerate(zip(s["losses"], e["losses"]))]
+    if res.get("all_to_all_probe"):
+        lines += ["", "All-to-all alone (equal splits, bf16; bytes each rank sends to the others per second):", "",
+                  "| size | time (ms) | GB/s |", "|---:|---:|---:|"]
+        lines += [f"| {p['mib']} MiB | {p['seconds'] * 1e3:.3f} | {p['gb_per_s']:.1f} |" for p in res["all_to_all_probe"]]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         dist.barrier()
         ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, ep=True)
+        probe = comm_probe(dev)
         if rank != 0:
             return 0
         if dev.type == "cuda":
@@ -243,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": a.compile, "single": single, "ep": ep, "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
             "weak_scaling_speedup": ep["tokens_per_s"] / single_share["tokens_per_s"],
-            "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol,
+            "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol, "all_to_all_probe": probe,
         }
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
