@@ -182,11 +182,12 @@ def test_trainer_configs_compose(trainer: str):
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
 
 
-def test_benchmark_script_cpu(tmp_path: Path):
+@pytest.mark.parametrize("router,flags", [("topk", []), ("hash", ["--no-ddp"])], ids=["topk-ddp", "hash-no_ddp"])
+def test_benchmark_script_cpu(tmp_path: Path, router: str, flags: list[str]):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "experiments/bench/expert_parallel.py"), "--device", "cpu", "--out", str(out),
-           "--steps", "3", "--warmup", "1", "--batch-size", "4", "--seq-len", "16",
+           str(REPO / "experiments/bench/expert_parallel.py"), "--device", "cpu", "--out", str(out), *flags,
+           "--steps", "3", "--warmup", "1", "--batch-size", "4", "--seq-len", "16", f"router={router}",
            "model.dim=32", "model.n_layers=2", "model.hidden_dim=48", "model.vocab_size=128", "model.num_experts=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
@@ -195,4 +196,5 @@ def test_benchmark_script_cpu(tmp_path: Path):
     assert result["world_size"] == 2 and result["losses_match"], result
     assert len(result["single"]["losses"]) == 3 and result["ep"]["tokens_per_s"] > 0
     assert result["single_share"]["tokens_per_s"] > 0 and result["weak_scaling_speedup"] > 0
+    assert result["ddp"] == (not flags) and result["all_to_all_probe"][0]["gb_per_s"] > 0
     assert (out / "expert_parallel.md").is_file()

@@ -2,7 +2,8 @@
 
 Run with one process per GPU; rank 0 first trains the plain single-GPU model on the whole global batch (the
 other ranks wait), then all ranks train the expert-parallel model (each rank: E/W experts, B/W sequences,
-all-to-all token dispatch, ``parallel.sync_expert_parallel_grads``, EP-aware grad clipping), then rank 0 trains
+all-to-all token dispatch, DDP for the dense grads as in ``moe-train trainer=ddp parallel=ep`` (``--no-ddp``:
+``parallel.sync_expert_parallel_grads`` after backward), EP-aware grad clipping), then rank 0 trains
 the single-GPU model once more on one rank's share (B/W sequences) for the weak-scaling baseline. The runs use
 AdamW, grad clipping at 1.0, the LM loss only (per-rank aux losses are not the global-batch ones), and the
 same seeded random tokens. Rank 0 writes ``expert_parallel.json`` and ``expert_parallel.md`` to ``--out`` and
@@ -50,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="default: bf16-mixed on cuda, 32 on cpu")
     p.add_argument("--tol", type=float, default=None, help="max |loss diff| (default 2e-2 bf16, 1e-4 fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false",
+                   help="EP run without DDP: dense grads all-reduced in one flat call after backward (default: DDP "
+                        "buckets overlapped with backward, as moe-train trainer=ddp parallel=ep)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the EP run, profile N more steps (torch.profiler) and write rank 0's top kernels")
     a = p.parse_args(argv)
@@ -121,7 +125,13 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr,
                             betas=(0.9, 0.95), weight_decay=0.1)
-    fwd = torch.compile(model) if a.compile else model
+    fwd = model
+    if ep and a.ddp:  # as the Lightning path: DDP averages the dense grads in buckets during backward
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, parallel.expert_parameter_names(model))
+        fwd = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    fwd = torch.compile(fwd) if a.compile else fwd
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16-mixed")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
@@ -146,7 +156,13 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
             loss = fwd(x, labels=y).lm_loss
         loss.backward()
         if ep:
-            parallel.sync_expert_parallel_grads(model)
+            if a.ddp:
+                for p in parallel.expert_parameters(model):  # a shard that got no token: zeros, as in one process
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                parallel.scale_expert_grads(model)
+            else:
+                parallel.sync_expert_parallel_grads(model)  # one flat all-reduce after backward
             parallel.clip_grad_norm_(model, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -192,7 +208,7 @@ def write_profile(prof: Any, out: Path, rank: int, steps: int, device: str) -> N
         print(text)
 
 
-def comm_probe(dev: torch.device, sizes_mib: tuple[int, ...] = (1, 8, 32, 128), iters: int = 10) -> list[dict]:
+def comm_probe(dev: torch.device, sizes_mib: tuple[int, ...], iters: int = 10) -> list[dict]:
     """All-to-all bandwidth with no compute around it (equal splits, bf16): what the token exchange could cost
     at best. ``gb_per_s``: bytes this rank sends to other ranks per second."""
     W = dist.get_world_size()
@@ -267,21 +283,24 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         dist.barrier()
         ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, ep=True)
-        probe = comm_probe(dev)
+        probe = comm_probe(dev, (1, 8, 32, 128) if dev.type == "cuda" else (1,))
+        single_share = None
+        if rank == 0:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            share = a.batch_size // world  # weak-scaling baseline: one GPU doing one rank's share
+            single_share = train(build(cfg, a, word_start, dev, ep=False), ids[:, :share], labels[:, :share], a,
+                                 dev, ep=False)
+        dist.barrier()  # every rank leaves together (a rank that tore down its group early could abort)
         if rank != 0:
             return 0
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        share = a.batch_size // world  # weak-scaling baseline: one GPU doing one rank's share
-        single_share = train(build(cfg, a, word_start, dev, ep=False), ids[:, :share], labels[:, :share], a, dev,
-                             ep=False)
         diff = max(abs(x - y) for x, y in zip(single["losses"], ep["losses"]))
         res = {
             "world_size": world, "device": a.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else platform.processor(), "torch": torch.__version__, "overrides": overrides,
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
-            "compile": a.compile, "single": single, "ep": ep, "single_share": single_share,
+            "compile": a.compile, "ddp": a.ddp, "single": single, "ep": ep, "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
             "weak_scaling_speedup": ep["tokens_per_s"] / single_share["tokens_per_s"],
             "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol, "all_to_all_probe": probe,
