@@ -5,10 +5,11 @@ per arm, written to ``results/<study>/``.
     python experiments/router_study/analyze.py --study router_study --report-only   # from results/router_study alone
 
 Per run (``results/<study>/runs/<arm>-s<seed>/``): the moe-analyze files (table5, plots, tokens.html,
-metrics.json) over each domain's validation windows, a copy of the run's report.json, and ``run.json`` (what the
-study report reads). A run whose checkpoint did not change since its run.json is not analysed again. Study files:
-``report.md`` (tables and the answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run),
-``val_loss_per_domain.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
+metrics.json) over each domain's validation windows, a copy of the run's report.json, ``run.json`` (what the
+study report reads) and, when the run logged to offline W&B, ``history.json`` (its loss curves). A run whose
+checkpoint did not change since its run.json is not analysed again. Study files: ``report.md`` (tables and the
+answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run), ``val_loss_per_domain.png``,
+``learning_curves.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
 
 The rule: a difference between two arms is called a difference only when |mean_a - mean_b| > std_a + std_b
 (sample std over seeds) and both arms have at least 2 seeds. Anything else is reported as within the seed spread.
@@ -30,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import ARMS, OnDevice, RunInfo, datamodule_for, find_runs, pick_device, study_root  # noqa: E402
+from wandb_history import read_history  # noqa: E402
 
 REFERENCE = "topk"
 LAYER_METRICS = {  # per-layer routing metric -> label
@@ -77,6 +79,14 @@ def stat(values: list[float | None]) -> Stat:
 def differs(a: Stat, b: Stat) -> bool:
     """The study's rule: a difference only when both arms have >= 2 seeds and |Δmean| > std_a + std_b."""
     return a.n >= 2 and b.n >= 2 and abs(a.mean - b.mean) > a.std + b.std
+
+
+def cell(a: Stat, b: Stat) -> str:
+    """A table cell for mean_a - mean_b: bold beyond the seed spread, ``(n<2)`` when it cannot be judged."""
+    if not a.n or not b.n:
+        return "-"
+    d = f"{a.mean - b.mean:+.3f}"
+    return f"**{d}**" if differs(a, b) else (d if a.n >= 2 and b.n >= 2 else f"{d} (n<2)")
 
 
 def compare(name_a: str, a: Stat, name_b: str, b: Stat, what: str = "validation loss", unit: str = "nats/token",
@@ -162,7 +172,12 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
 
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every ``out/runs/*/run.json`` (what --report-only reads)."""
-    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/run.json"))]
+    recs = []
+    for p in sorted((out / "runs").glob("*/run.json")):
+        rec = json.loads(p.read_text())
+        hist = p.with_name("history.json")
+        rec["history"] = json.loads(hist.read_text()) if hist.is_file() else {}
+        recs.append(rec)
     order = {a: i for i, a in enumerate(ARMS)}
     return sorted(recs, key=lambda r: (order.get(r["arm"], len(order)), r["arm"], r["seed"]))
 
@@ -185,6 +200,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "tokens_per_s": stat([rep.get("tokens_per_s") for rep in reps]),
             "layers": {}, "layer_mean": {},
         }
+        agg["val_curve"], agg["train_curve"] = curves([r.get("history", {}) for r in rs])
         analysed = [r["layers"] for r in rs if r.get("layers")]
         if analysed:
             n_layers = min(len(x) for x in analysed)
@@ -193,6 +209,20 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 agg["layer_mean"][m] = stat([statistics.fmean(p[m] for p in x[:n_layers]) for x in analysed])
         arms[arm] = agg
     return arms
+
+
+def curves(histories: list[dict[str, Any]]) -> tuple[dict[int, Stat], list[tuple[int, float]]]:
+    """Validation loss per validation step (a Stat over the seeds that logged it) and the seed-mean training loss
+    per logged step, from the runs' W&B histories (``history.json``)."""
+    val: dict[int, list[float]] = {}
+    train: dict[int, list[float]] = {}
+    for h in histories:
+        for step, v in h.get("val/loss", []):
+            val.setdefault(int(step), []).append(v)
+        for step, v in h.get("train/loss", []):
+            train.setdefault(int(step), []).append(v)
+    return ({k: stat(v) for k, v in sorted(val.items())},
+            [(k, statistics.fmean(v)) for k, v in sorted(train.items()) if len(v) == len(histories)])
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
@@ -258,6 +288,25 @@ def plot(arms: dict[str, dict[str, Any]], out: Path) -> list[str]:
     fig.savefig(out / "val_loss_per_domain.png", dpi=120)
     plt.close(fig)
     written.append("val_loss_per_domain.png")
+
+    with_curves = {arm: a for arm, a in arms.items() if a["val_curve"] or a["train_curve"]}
+    if with_curves:
+        fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for arm, a in with_curves.items():
+            if a["train_curve"]:
+                steps, losses = zip(*a["train_curve"])
+                ax_t.plot([s + 1 for s in steps], losses, label=arm)
+            if a["val_curve"]:
+                steps = list(a["val_curve"])
+                ax_v.errorbar([s + 1 for s in steps], [a["val_curve"][s].mean for s in steps],
+                              yerr=[err(a["val_curve"][s]) for s in steps], marker="o", capsize=3, label=arm)
+        ax_t.set(xlabel="step", ylabel="training loss (one batch, mean over seeds)", title="Training loss")
+        ax_v.set(xlabel="step", ylabel="validation loss (mean ± std over seeds)", title="Validation loss")
+        ax_t.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=110)
+        plt.close(fig)
+        written.append("learning_curves.png")
 
     with_layers = {arm: a for arm, a in arms.items() if a["layers"]}
     if not with_layers:
@@ -330,12 +379,6 @@ def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], 
               "difference); plain: within the spread (no difference called); `n<2`: too few seeds to judge.", "",
               "| arm | all | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
 
-        def cell(a: Stat, b: Stat) -> str:
-            if not a.n or not b.n:
-                return "-"
-            d = f"{a.mean - b.mean:+.3f}"
-            return f"**{d}**" if differs(a, b) else (d if a.n >= 2 and b.n >= 2 else f"{d} (n<2)")
-
         for arm, a in arms.items():
             if arm == REFERENCE:
                 continue
@@ -343,6 +386,20 @@ def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], 
                 cell(a["val_loss_per_domain"].get(d, Stat([])), ref["val_loss_per_domain"].get(d, Stat([])))
                 for d in domains) + " |")
     L.append("")
+
+    steps = sorted({s for a in arms.values() for s in a["val_curve"]})
+    if steps and ref is not None and ref["val_curve"]:
+        L += ["## Validation loss during training (all domains; from the runs' W&B histories)", "",
+              "Mean ± std over seeds at each validation step; Δ against "
+              f"`{REFERENCE}` at the same step (bold: beyond the seed spread).", "",
+              "| arm | " + " | ".join(f"step {s + 1}" for s in steps) + " | " + " | ".join(
+                  f"Δ at {s + 1}" for s in steps) + " |", "|---|" + "---|" * (2 * len(steps))]
+        for arm, a in arms.items():
+            vals = [a["val_curve"].get(s, Stat([])) for s in steps]
+            refs = [ref["val_curve"].get(s, Stat([])) for s in steps]
+            deltas = ["" if arm == REFERENCE else cell(v, r) for v, r in zip(vals, refs)]
+            L.append(f"| {arm} | " + " | ".join(v.text() for v in vals) + " | " + " | ".join(deltas) + " |")
+        L.append("")
 
     L += ["## The questions", ""]
     L += ["**1. Is learned routing close to token-id routing?** Token-id predictability is the accuracy of the best "
@@ -442,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: {'unfinished (no report.json)' if rec is None else 'ok'}")
             if rec is None:
                 missing.append(run.name)
+                continue
+            history = read_history(run.run_dir)  # training curves from the run's offline W&B files, if any
+            if history:
+                (out / "runs" / run.name / "history.json").write_text(json.dumps(history))
         for f in sorted((root / "distilled_hash").glob("*.pt.json")):
             (out / "distilled_hash").mkdir(parents=True, exist_ok=True)
             shutil.copy(f, out / "distilled_hash" / f.name)
