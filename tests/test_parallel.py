@@ -196,5 +196,5 @@ def test_benchmark_script_cpu(tmp_path: Path, router: str, flags: list[str]):
     assert result["world_size"] == 2 and result["losses_match"], result
     assert len(result["single"]["losses"]) == 3 and result["ep"]["tokens_per_s"] > 0
     assert result["single_share"]["tokens_per_s"] > 0 and result["weak_scaling_speedup"] > 0
-    assert result["ddp"] == (not flags) and result["all_to_all_probe"][0]["gb_per_s"] > 0
+    assert result["ddp"] == (not flags)
     assert (out / "expert_parallel.md").is_file()
