@@ -242,7 +242,6 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
     """Curves logged to an offline W&B run come back step by step (the study report's learning curves), across
     sittings of one run, including rows larger than a 32 KiB block (records split over blocks)."""
     import wandb
-
     from wandb_history import read_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -55,7 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="EP run without DDP: dense grads all-reduced in one flat call after backward (default: DDP "
                         "buckets overlapped with backward, as moe-train trainer=ddp parallel=ep)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after the EP run, profile N more steps (torch.profiler) and write rank 0's top kernels")
+                   help="after the EP run, profile N more steps (torch.profiler): profile_ep_rank<r>.txt per rank")
     a = p.parse_args(argv)
     a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32")
     a.tol = a.tol if a.tol is not None else (2e-2 if a.precision == "bf16-mixed" else 1e-4)
@@ -136,21 +136,9 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    losses, t0 = [], None
-    for step in range(a.steps + (a.profile if ep else 0)):
-        if step == a.steps:  # the extra, profiled steps (not timed, not compared)
-            sync()
-            elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                          + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []),
-                                          record_shapes=True)
-            prof.__enter__()
-        if step == a.warmup:
-            sync()
-            if ep:
-                dist.barrier()
-            t0 = time.perf_counter()
-        i = step % a.steps  # (the profiled steps reuse the data)
+
+    def train_step(i: int) -> float:
+        """One optimizer step on batch ``i``; returns the global-batch loss."""
         x, y = ids[i, rows].to(dev, non_blocking=True), labels[i, rows].to(dev, non_blocking=True)
         with autocast:
             loss = fwd(x, labels=y).lm_loss
@@ -172,20 +160,32 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
         if ep:  # the global-batch loss: every rank has the same number of labelled tokens
             dist.all_reduce(loss)
             loss /= W
-        losses.append(float(loss))  # (a host sync per step, as a logger would)
+        return float(loss)  # (a host sync per step, as a logger would)
+
+    losses, t0 = [], None
+    for step in range(a.steps):
+        if step == a.warmup:
+            sync()
+            if ep:
+                dist.barrier()
+            t0 = time.perf_counter()
+        losses.append(train_step(step))
     sync()
-    if ep and a.profile:
-        prof.__exit__(None, None, None)
-        losses = losses[: a.steps]
-        write_profile(prof, Path(a.out), r, a.profile, dev.type)
-    else:
-        elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+    elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
     timed = a.steps - a.warmup
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
     if ep and dev.type == "cuda":
         t = torch.tensor([peak], device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = float(t)
+    if ep and a.profile:  # extra steps, not timed, not compared (they reuse the data)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            for step in range(a.profile):
+                train_step(step % a.steps)
+            sync()
+        write_profile(prof, Path(a.out), r, a.profile, dev.type)
     return {"losses": losses, "step_time_s": elapsed / max(timed, 1),
             "tokens_per_s": B * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
             "peak_mem_gib_per_rank": peak}
@@ -264,7 +264,8 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("all_to_all_probe") and "error" not in res["all_to_all_probe"][0]:
         lines += ["", "All-to-all alone (equal splits, bf16; bytes each rank sends to the others per second):", "",
                   "| size | time (ms) | GB/s |", "|---:|---:|---:|"]
-        lines += [f"| {p['mib']} MiB | {p['seconds'] * 1e3:.3f} | {p['gb_per_s']:.1f} |" for p in res["all_to_all_probe"]]
+        lines += [f"| {p['mib']} MiB | {p['seconds'] * 1e3:.3f} | {p['gb_per_s']:.1f} |"
+                  for p in res["all_to_all_probe"]]
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,9 @@ def history_rows(path: Path) -> list[dict[str, object]]:
     return rows
 
 
-def read_history(run_dir: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
+def read_history(
+    run_dir: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")
+) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(step, value), ...]}`` over every offline W&B sitting of a run (a resumed run has several; a later
     sitting's value wins for the same step). Empty when the run has no offline W&B files."""
     series: dict[str, dict[int, float]] = {k: {} for k in keys}
