@@ -169,7 +169,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        vocab = torch.arange(weight.shape[0], device=h.device)  # (V,)
         for start in range(0, h.shape[0], chunk):
             h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
             logits = (h_c @ weight.t()).float()  # (n, V)
@@ -180,6 +179,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             total = total + torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
             # d loss / d logits = softmax - one_hot
             if torch.compiler.is_compiling():  # one pointwise expression: inductor fuses it into one pass
+                vocab = torch.arange(weight.shape[0], device=h.device)  # (V,), an index expression once fused
                 d_logits = torch.exp(logits - lse[:, None]) - (vocab[None, :] == y_safe[:, None]).float()
             else:  # eager: the fused softmax kernel, then the one-hot subtracted in place (2x faster on CPU)
                 d_logits = torch.softmax(logits, dim=-1)
