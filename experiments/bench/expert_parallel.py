@@ -5,9 +5,13 @@ other ranks wait), then all ranks train the expert-parallel model (each rank: E/
 all-to-all token dispatch, DDP for the dense grads as in ``moe-train trainer=ddp parallel=ep`` (``--no-ddp``:
 ``parallel.sync_expert_parallel_grads`` after backward), EP-aware grad clipping), then rank 0 trains
 the single-GPU model once more on one rank's share (B/W sequences) for the weak-scaling baseline. The runs use
-AdamW, grad clipping at 1.0, the LM loss only (per-rank aux losses are not the global-batch ones), and the
-same seeded random tokens. Rank 0 writes ``expert_parallel.json`` and ``expert_parallel.md`` to ``--out`` and
-the script exits 1 when the per-step losses differ by more than ``--tol``.
+AdamW, grad clipping at 1.0, the same seeded random tokens and, as ``moe-train``, the configured loss (LM loss +
+``loss.*`` aux losses; ``--loss lm``: the LM loss only). The compared losses are the global-batch LM losses; with
+aux losses they match up to rounding and the per-rank aux losses (``conf/parallel/ep.yaml``: computed per process,
+as with DDP). Without the load-balancing loss a learned router collapses within steps and EP timings measure the
+imbalance (the ``expert load`` column: the busiest rank's routed copies over the mean, averaged over layers).
+Rank 0 writes ``expert_parallel.json`` and ``expert_parallel.md`` to ``--out`` and the script exits 1 when the
+per-step LM losses differ by more than ``--tol``.
 
     torchrun --nproc-per-node 2 experiments/bench/expert_parallel.py --out results/bench/ep   # GPU: model=gpu_small
     torchrun --nproc-per-node 2 experiments/bench/expert_parallel.py --device cpu --out /tmp/ep model=tiny
@@ -50,6 +54,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["bf16-mixed", "32"], default=None,
                    help="default: bf16-mixed on cuda, 32 on cpu")
     p.add_argument("--tol", type=float, default=None, help="max |loss diff| (default 2e-2 bf16, 1e-4 fp32)")
+    p.add_argument("--loss", choices=["config", "lm"], default="config",
+                   help="config: LM + aux losses as moe-train; lm: the LM loss only (exact EP/1-process comparison)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--no-ddp", dest="ddp", action="store_false",
                    help="EP run without DDP: dense grads all-reduced in one flat call after backward (default: DDP "
@@ -113,10 +119,19 @@ def build(cfg: Any, a: argparse.Namespace, word_start: torch.Tensor, dev: torch.
     return model.to(dev).train()
 
 
+def rank_load_imbalance(counts_LE: torch.Tensor, ranks: int) -> float:
+    """Busiest EP rank's routed copies over the mean rank's, averaged over layers (1.0 = balanced; ``ranks``
+    times as slow as balanced at worst). ``counts_LE``: (layers, E) copies routed to each expert."""
+    per_rank = counts_LE.view(counts_LE.shape[0], ranks, -1).sum(-1)
+    return float((per_rank.max(-1).values / per_rank.mean(-1).clamp(min=1)).mean())
+
+
 def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: argparse.Namespace,
-          dev: torch.device, ep: bool) -> dict[str, Any]:
-    """Train ``a.steps`` steps on this rank's rows; returns the global-batch losses and timing."""
+          dev: torch.device, ep: bool, loss_coefficients: dict[str, float]) -> dict[str, Any]:
+    """Train ``a.steps`` steps on this rank's rows; returns the global-batch LM losses, the expert load per
+    EP rank (for the single-device runs: what it would be on ``world`` ranks) and timing."""
     from moe_variants import parallel
+    from moe_variants.losses import compose_loss
 
     B = ids.shape[1]  # the global batch of this run (sequences)
     W, r = (dist.get_world_size(), dist.get_rank()) if ep else (1, 0)
@@ -137,11 +152,13 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    def train_step(i: int) -> float:
-        """One optimizer step on batch ``i``; returns the global-batch loss."""
+    def train_step(i: int) -> tuple[float, float]:
+        """One optimizer step on batch ``i``; returns the global-batch LM loss and the expert load per rank."""
         x, y = ids[i, rows].to(dev, non_blocking=True), labels[i, rows].to(dev, non_blocking=True)
         with autocast:
-            loss = fwd(x, labels=y).lm_loss
+            out = fwd(x, labels=y)
+            loss = compose_loss(out.lm_loss, out.routing, loss_coefficients)[0] if a.loss == "config" \
+                else out.lm_loss
         loss.backward()
         if ep:
             if a.ddp:
@@ -156,20 +173,29 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = loss.detach().float()
-        if ep:  # the global-batch loss: every rank has the same number of labelled tokens
-            dist.all_reduce(loss)
-            loss /= W
-        return float(loss)  # (a host sync per step, as a logger would)
+        # LM loss and routed copies per (layer, expert), summed over ranks in one all-reduce (the global-batch
+        # loss: every rank has the same number of labelled tokens); scatter_add, as bincount would sync
+        counts = torch.stack([torch.zeros(E, device=dev).scatter_add_(0, r.expert_ids.flatten(),
+                                                                      torch.ones(r.expert_ids.numel(), device=dev))
+                              for r in out.routing])
+        stats = torch.cat([out.lm_loss.detach().float().view(1), counts.flatten()])
+        if ep:
+            dist.all_reduce(stats)
+            stats[0] /= W
+        stats = stats.cpu()  # (a host sync per step, as a logger would)
+        return float(stats[0]), rank_load_imbalance(stats[1:].view(-1, E), world)
 
-    losses, t0 = [], None
+    E, world = int(model.args.num_experts), dist.get_world_size()
+    losses, loads, t0 = [], [], None
     for step in range(a.steps):
         if step == a.warmup:
             sync()
             if ep:
                 dist.barrier()
             t0 = time.perf_counter()
-        losses.append(train_step(step))
+        lm, load = train_step(step)
+        losses.append(lm)
+        loads.append(load)
     sync()
     elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
     timed = a.steps - a.warmup
@@ -186,7 +212,7 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
                 train_step(step % a.steps)
             sync()
         write_profile(prof, Path(a.out), r, a.profile, dev.type)
-    return {"losses": losses, "step_time_s": elapsed / max(timed, 1),
+    return {"losses": losses, "expert_load": loads, "step_time_s": elapsed / max(timed, 1),
             "tokens_per_s": B * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
             "peak_mem_gib_per_rank": peak}
 
@@ -234,33 +260,41 @@ def comm_probe(dev: torch.device, sizes_mib: tuple[int, ...], iters: int = 10) -
 def markdown(res: dict[str, Any]) -> str:
     s, e, w = res["single"], res["ep"], res["single_share"]
     precision = "fp32" if res["precision"] == "32" else res["precision"]
+    loss = "LM + aux losses (as moe-train)" if res["loss"] == "config" else "LM loss only"
+
+    def load(run: dict[str, Any]) -> str:
+        timed = run["expert_load"][res["warmup"]:] or run["expert_load"]
+        return f"{sum(timed) / len(timed):.2f}"
     lines = [
         f"# Expert parallelism: 1 vs {res['world_size']} {res['device']} ranks",
         "",
         f"`{' '.join(res['overrides'])}`, global batch {res['batch_size']} x {res['seq_len']} tokens, "
-        f"{precision}, {res['steps']} steps ({res['warmup']} untimed), seed {res['seed']}, "
+        f"{precision}, {loss}, {res['steps']} steps ({res['warmup']} untimed), seed {res['seed']}, "
         f"{res['num_experts']} experts ({res['num_experts'] // res['world_size']} per rank).",
         "",
-        "| run | tokens/s | step time (s) | peak mem / rank (GiB) | final loss |",
-        "|---|---:|---:|---:|---:|",
+        "| run | tokens/s | step time (s) | peak mem / rank (GiB) | final LM loss | expert load (timed steps) |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| 1 rank | {s['tokens_per_s']:.0f} | {s['step_time_s']:.4f} | {s['peak_mem_gib_per_rank']:.2f} | "
-        f"{s['losses'][-1]:.5f} |",
+        f"{s['losses'][-1]:.5f} | {load(s)} |",
         f"| EP x{res['world_size']} | {e['tokens_per_s']:.0f} | {e['step_time_s']:.4f} | "
-        f"{e['peak_mem_gib_per_rank']:.2f} | {e['losses'][-1]:.5f} |",
+        f"{e['peak_mem_gib_per_rank']:.2f} | {e['losses'][-1]:.5f} | {load(e)} |",
         f"| 1 rank, one rank's share ({res['batch_size'] // res['world_size']} x {res['seq_len']}) | "
         f"{w['tokens_per_s']:.0f} | {w['step_time_s']:.4f} | {w['peak_mem_gib_per_rank']:.2f} | "
-        f"{w['losses'][-1]:.5f} |",
+        f"{w['losses'][-1]:.5f} | {load(w)} |",
         "",
         f"Speedup on the same global batch (strong scaling) {res['speedup']:.2f}x; with the same work per GPU "
-        f"(weak scaling) **{res['weak_scaling_speedup']:.2f}x**.",
+        f"(weak scaling) **{res['weak_scaling_speedup']:.2f}x**. Expert load: the busiest of {res['world_size']} EP "
+        "ranks' routed copies over the mean (1.00 = balanced), mean over layers and timed steps; for the 1-rank runs, "
+        "what it would be with EP.",
         "",
         f"Max |loss difference| (1 rank vs EP, same global batch) over all steps {res['max_abs_loss_diff']:.2e} "
         f"(tolerance {res['tol']:.0e}): {'match' if res['losses_match'] else 'MISMATCH'}.",
         "",
-        "| step | 1 rank | EP |",
-        "|---:|---:|---:|",
+        "| step | 1 rank LM loss | EP LM loss | EP expert load |",
+        "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {i} | {x:.6f} | {y:.6f} |" for i, (x, y) in enumerate(zip(s["losses"], e["losses"]))]
+    lines += [f"| {i} | {x:.6f} | {y:.6f} | {b:.2f} |"
+              for i, (x, y, b) in enumerate(zip(s["losses"], e["losses"], e["expert_load"]))]
     if res.get("all_to_all_probe") and "error" not in res["all_to_all_probe"][0]:
         lines += ["", "All-to-all alone (equal splits, bf16; bytes each rank sends to the others per second):", "",
                   "| size | time (ms) | GB/s |", "|---:|---:|---:|"]
@@ -277,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size {a.batch_size} must be divisible by the world size {world}")
         cfg, overrides = compose(a)
         ids, labels, word_start = make_data(a, int(cfg.model.vocab_size))
+        coefs = {k: float(v) for k, v in cfg.loss.items()}
         single = None
         if rank == 0:  # the reference: one device, the whole global batch
-            single = train(build(cfg, a, word_start, dev, ep=False), ids, labels, a, dev, ep=False)
+            single = train(build(cfg, a, word_start, dev, ep=False), ids, labels, a, dev, False, coefs)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         dist.barrier()
-        ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, ep=True)
+        ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, True, coefs)
         # (not on CPU: after all-to-alls of this size, gloo sometimes aborts a rank at exit)
         try:
             probe = comm_probe(dev, (1, 8, 32, 128)) if dev.type == "cuda" else []
@@ -295,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             share = a.batch_size // world  # weak-scaling baseline: one GPU doing one rank's share
             single_share = train(build(cfg, a, word_start, dev, ep=False), ids[:, :share], labels[:, :share], a,
-                                 dev, ep=False)
+                                 dev, False, coefs)
         dist.barrier()  # every rank leaves together (a rank that tore down its group early could abort)
         if rank != 0:
             return 0
@@ -305,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             else platform.processor(), "torch": torch.__version__, "overrides": overrides,
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
-            "compile": a.compile, "ddp": a.ddp, "single": single, "ep": ep, "single_share": single_share,
+            "compile": a.compile, "ddp": a.ddp, "loss": a.loss, "single": single, "ep": ep,
+            "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
             "weak_scaling_speedup": ep["tokens_per_s"] / single_share["tokens_per_s"],
             "max_abs_loss_diff": diff, "tol": a.tol, "losses_match": diff <= a.tol, "all_to_all_probe": probe,
