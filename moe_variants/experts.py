@@ -31,6 +31,45 @@ class Dispatched:
     x: torch.Tensor  # (N, D) token copies grouped by expert
     tokens_per_expert: torch.Tensor  # (E,) int64 group sizes (on device; reading them syncs)
     order: torch.Tensor  # (N,) position in the flat (T*K) assignment list of each sorted row
+    inverse: torch.Tensor  # (N,) the inverse permutation: sorted row of each flat (T*K) assignment
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` (a scatter; no sort)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[index // repeat]`` where ``index`` is a permutation of ``range(len(x) * repeat)``: each row of x
+    copied ``repeat`` times and permuted. The backward is a gather by ``inverse`` and a sum over the ``repeat``
+    copies, where autograd's indexing backward would be an accumulating scatter (``index_put_(accumulate=True)``,
+    a sort on CUDA): gathers both ways, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeat: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.repeat = repeat
+        return x.index_select(0, index // repeat if repeat > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if ctx.repeat > 1:
+            g = g.view(-1, ctx.repeat, *g.shape[1:]).sum(1)
+        return g, None, None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` for a permutation ``perm`` (``inverse`` = :func:`inverse_permutation` of it), with a gather,
+    not a scatter, in backward."""
+    return _GatherRows.apply(x, perm, inverse, 1)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64: how many routed copies each expert gets (a scatter-add: ``bincount`` would sync on CUDA)."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class LocalDispatcher:
@@ -39,19 +78,20 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, counts: torch.Tensor | None = None
+                 ) -> Dispatched:
+        """``counts``: :func:`expert_counts` of ``expert_ids_TK`` when the caller has them already."""
         K = expert_ids_TK.shape[1]
         flat_N = expert_ids_TK.reshape(-1)
         order = flat_N.argsort(stable=True)  # stable: token order kept inside each expert's group
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat_N.device)
-        counts.scatter_add_(0, flat_N, torch.ones_like(flat_N))  # bincount would sync on CUDA
-        return Dispatched(x=x_TD[order // K], tokens_per_expert=counts, order=order)
+        counts = expert_counts(expert_ids_TK, self.num_experts) if counts is None else counts
+        inverse = inverse_permutation(order)
+        x_ND = _GatherRows.apply(x_TD, order, inverse, K)  # x_TD[order // K]
+        return Dispatched(x=x_ND, tokens_per_expert=counts, order=order, inverse=inverse)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
         T, K = weights_TK.shape
-        y_unsorted = torch.empty_like(y_ND)
-        y_unsorted[d.order] = y_ND
-        y_TKD = y_unsorted.view(T, K, -1)
+        y_TKD = permute_rows(y_ND, d.inverse, d.order).view(T, K, -1)  # back to the flat (T*K) order
         # a deterministic weighted sum over the K copies (no atomics, unlike index_add_); fuses under compile
         return (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(dim=1)
 

@@ -46,18 +46,44 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_variants.experts import Dispatched, Experts, LocalDispatcher
+from moe_variants.experts import (
+    Dispatched,
+    Experts,
+    LocalDispatcher,
+    expert_counts,
+    inverse_permutation,
+    permute_rows,
+)
 
 EXPERT_KEY = re.compile(r"(^|\.)experts\.(w13|w2)$")  # state-dict keys of expert weights (any prefix)
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all of rows; the backward is the reverse all-to-all. Called through c10d directly: a functional
+    collective costs about twice its host time, and in the forward the host time after the split-size sync is
+    time the GPU waits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
 def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:
     """Autograd-aware all-to-all of rows (backward is the reverse all-to-all).
 
-    ``_functional_collectives.all_to_all_single_autograd`` is what ``torch.distributed.nn.functional.
-    all_to_all_single`` (deprecated in torch 2.13, a FutureWarning on every call) now points to; it also works
-    under ``torch.compile``.
+    Under ``torch.compile``: ``_functional_collectives.all_to_all_single_autograd`` (what the deprecated
+    ``torch.distributed.nn.functional.all_to_all_single`` points to), which dynamo traces; eager: :class:`_AllToAll`.
     """
+    if not torch.compiler.is_compiling():
+        return _AllToAll.apply(x, output_splits, input_splits, group)
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     out = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
@@ -86,6 +112,7 @@ class AllToAllDispatched(Dispatched):
     global expert."""
 
     regroup: torch.Tensor  # (R,) received row (by source rank, then local expert) of each expert-grouped row
+    ungroup: torch.Tensor  # (R,) its inverse: expert-grouped row of each received row
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
 
@@ -111,24 +138,34 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> AllToAllDispatched:
         W, L = self.ep_size, self.num_local_experts
-        d = self._local.dispatch(x_TD, expert_ids_TK)  # x (N, D) sorted by global expert; counts (E,)
-        counts_E = d.tokens_per_expert
+        counts_E = expert_counts(expert_ids_TK, self.num_experts)
         recv_counts = torch.empty_like(counts_E)  # [s*L + l]: rows rank s sends to my local expert l
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
-        # the one host sync: all_to_all row splits must be Python ints (one device->host copy for both)
-        send_splits, recv_splits = torch.stack([counts_E.view(W, L).sum(1), recv_counts.view(W, L).sum(1)]).tolist()
+        # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously and
+        # queue the local sort meanwhile, so that the GPU has work while the host waits and launches the exchange
+        splits = torch.stack([counts_E.view(W, L).sum(1), recv_counts.view(W, L).sum(1)])
+        ready = None
+        if splits.is_cuda:
+            splits = splits.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        d = self._local.dispatch(x_TD, expert_ids_TK, counts_E)  # x (N, D) sorted by global expert
+        if ready is not None:
+            ready.synchronize()
+        send_splits, recv_splits = splits.tolist()
         x_recv = _all_to_all(d.x, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
         R = sum(recv_splits)
         local_ids = torch.arange(L, device=x_TD.device).repeat(W).repeat_interleave(recv_counts, output_size=R)
         regroup = local_ids.argsort(stable=True)  # stable: by source rank, then token order, inside an expert
+        ungroup = inverse_permutation(regroup)
         return AllToAllDispatched(
-            x=x_recv[regroup], tokens_per_expert=recv_counts.view(W, L).sum(0), order=d.order, regroup=regroup,
-            send_splits=send_splits, recv_splits=recv_splits,
+            x=permute_rows(x_recv, regroup, ungroup), tokens_per_expert=recv_counts.view(W, L).sum(0),
+            order=d.order, inverse=d.inverse, regroup=regroup, ungroup=ungroup, send_splits=send_splits,
+            recv_splits=recv_splits,
         )
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, d: AllToAllDispatched) -> torch.Tensor:
-        y_recv = torch.empty_like(y_RD)
-        y_recv[d.regroup] = y_RD  # back to (source rank, local expert) order
+        y_recv = permute_rows(y_RD, d.ungroup, d.regroup)  # back to (source rank, local expert) order
         y_sorted = _all_to_all(y_recv, d.send_splits, d.recv_splits, self.group)  # (N, D) by global expert
         return self._local.combine(y_sorted, weights_TK, d)
 

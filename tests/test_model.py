@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.experts import GroupedExperts, LocalDispatcher, LoopExperts
+from moe_variants.experts import GroupedExperts, LocalDispatcher, LoopExperts, inverse_permutation, permute_rows
 from moe_variants.losses import compose_loss, load_balance_loss
 from moe_variants.model import RMSNorm
 from moe_variants.routers.hash import HashRouter
@@ -102,6 +102,27 @@ def test_loop_and_grouped_experts_agree_fp32(seed):
         outs.append((y, *g))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_gathers_match_indexing():
+    """The dispatcher's row moves (gathers both ways) give the values and gradients of plain indexing: x[order // K]
+    for dispatch, the un-sort y[inverse] for combine."""
+    torch.manual_seed(0)
+    T, K, D = 9, 2, 5
+    order = torch.randperm(T * K)
+    inverse = inverse_permutation(order)
+    assert torch.equal(order[inverse], torch.arange(T * K)) and torch.equal(inverse, order.argsort())
+    ids = torch.stack([torch.randperm(6)[:K] for _ in range(T)])
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    d = LocalDispatcher(6).dispatch(x, ids)
+    assert torch.equal(d.x, x[d.order // K]) and torch.equal(d.order[d.inverse], torch.arange(T * K))
+    g = torch.randn(T * K, D, dtype=torch.float64)
+    grad, expected_grad = (torch.autograd.grad((rows * g).sum(), x)[0] for rows in (d.x, x[d.order // K]))
+    assert torch.allclose(grad, expected_grad)
+    y = torch.randn(T * K, D, dtype=torch.float64, requires_grad=True)
+    expected = torch.empty_like(y).index_put((order,), y)  # y_unsorted[order] = y
+    assert torch.equal(permute_rows(y, inverse, order), expected)
+    assert torch.autograd.gradcheck(lambda t: permute_rows(t, inverse, order), (y,))
 
 
 def test_grouped_experts_follow_autocast():
