@@ -92,7 +92,9 @@ class RoutingMetrics(L.Callback):
 
 class Throughput(L.Callback):
     """Training tokens per second (``train/tokens_per_s``, over the steps since the last log), excluding
-    validation and checkpointing; totals for the run report in ``tokens`` and ``train_seconds``."""
+    validation and checkpointing; totals for the run report in ``tokens`` and ``train_seconds``. Tokens are those
+    of all ranks (each rank's batch times the world size: the data module gives every rank the same batch size),
+    timed on this rank."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -109,7 +111,7 @@ class Throughput(L.Callback):
         if self._t0 is None:
             return
         dt = time.perf_counter() - self._t0
-        n = int(batch["input_ids"].numel())
+        n = int(batch["input_ids"].numel()) * trainer.world_size
         self.tokens += n
         self.train_seconds += dt
         self._window[0] += n

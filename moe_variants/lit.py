@@ -131,7 +131,7 @@ class LitMoE(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         total, tokens = 0.0, 0
-        for idx, (s, n) in sorted(self._val_sums.items()):
+        for idx, (s, n) in sorted(self._global_val_sums().items()):
             name = self.domains[idx] if idx < len(self.domains) else f"domain{idx}"
             self.log(f"val/{name}/loss", s / max(n, 1), add_dataloader_idx=False)
             total, tokens = total + s, tokens + n
@@ -139,6 +139,20 @@ class LitMoE(L.LightningModule):
             self.log("val/loss", total / tokens, prog_bar=True, add_dataloader_idx=False)
         if not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
+
+    def _global_val_sums(self) -> dict[int, list[float]]:
+        """Per validation loader: (loss x tokens, tokens) summed over the ranks. Under DDP, Lightning gives each
+        rank a shard of every validation set (``DistributedSampler``): rank 0's own sums would be half the set.
+        (That sampler pads a set whose size is not a multiple of the world size by repeating up to W-1 of its
+        sequences; the default 32 per domain divides any power-of-two world up to 32.)"""
+        if self.trainer.world_size == 1:
+            return self._val_sums
+        loaders = max(len(self.trainer.num_val_batches), max(self._val_sums, default=-1) + 1)
+        sums = torch.zeros(loaders, 2, dtype=torch.float64, device=self.device)
+        for idx, (s, n) in self._val_sums.items():
+            sums[idx, 0], sums[idx, 1] = s, n
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return {idx: [float(s), int(n)] for idx, (s, n) in enumerate(sums.tolist()) if n > 0}
 
     # -- expert parallelism ----------------------------------------------------------------------------------
     @property

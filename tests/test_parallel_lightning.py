@@ -12,8 +12,9 @@ trainer.devices=2 ...`` in a subprocess; Lightning's DDP launcher starts the sec
 - wrong setups fail with errors naming the fix.
 
 The data module here (``ShardedStandin``) is the test stand-in whose batch of step t is the global batch
-``_batch(seed, t, batch_size * world)``, rank r taking rows ``[r*B, (r+1)*B)``; ``GlobalLoss`` records the
-all-reduced (global-batch) loss of every step. Both are imported by the subprocess (tests/ on PYTHONPATH).
+``_batch(seed, t, batch_size * world)``, rank r taking rows ``[r*B, (r+1)*B)`` (validation batches too);
+``GlobalLoss`` records the all-reduced (global-batch) loss of every step. Both are imported by the subprocess
+(tests/ on PYTHONPATH).
 The load-balance aux loss is logged but not trained on (coefficient 0): like any data-parallel run, it is
 computed per rank and is not the global-batch one; the z-loss is a token mean and stays exact.
 """
@@ -64,6 +65,14 @@ class ShardedStandin(StandinDataModule):
         stream = _ShardedStream(self.seed, start, self.train_batches, self.batch_size, self.seq_len,
                                 self.vocab_size, world, rank)
         return DataLoader(stream, batch_size=None)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """Each domain's validation batches sharded the same way: the ranks' shards make the one-process set."""
+        t = self.trainer
+        world, rank = (t.world_size, t.global_rank) if t is not None else (1, 0)
+        return [DataLoader(_ShardedStream(10_000 + d, 0, self.val_batches, self.batch_size, self.seq_len,
+                                          self.vocab_size, world, rank), batch_size=None)
+                for d in range(len(self.domains))]
 
 
 class GlobalLoss(L.Callback):
@@ -177,6 +186,12 @@ def test_ep_lightning_matches_single_process_and_checkpoints_are_full(runs):
 
     report = json.loads((ep_dir / "report.json").read_text())  # written once, by rank 0
     assert report["steps"] == STEPS and report["checkpoint"].endswith("last.ckpt")
+    single_report = json.loads((single_dir / "report.json").read_text())
+    assert report["train_tokens"] == single_report["train_tokens"]  # all ranks' tokens, not rank 0's
+    # the validation loss of the whole validation set (summed over the ranks' shards), not of rank 0's shard
+    assert report["val_loss"] == pytest.approx(single_report["val_loss"], rel=1e-5)
+    for domain, loss in single_report["val_loss_per_domain"].items():
+        assert report["val_loss_per_domain"][domain] == pytest.approx(loss, rel=1e-5), domain
 
     ep_model, cfg = load_model(ep_dir)  # one process, CPU, no process group
     assert cfg.parallel.expert_parallel == 2
