@@ -13,32 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-try:  # the analysis engineer's pure functions (fallbacks below keep training usable without them)
-    from moe_variants.analysis.metrics import consecutive_repeat_rates, expert_load, router_entropy
-except ImportError:  # pragma: no cover - only while moe_variants.analysis is being written
-    consecutive_repeat_rates = expert_load = router_entropy = None
-
-
-def _expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    if expert_load is not None:
-        return expert_load(expert_ids, num_experts)
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).float()
-    return counts / counts.sum()
-
-
-def _router_entropy(logits: torch.Tensor) -> float:
-    if router_entropy is not None:
-        return router_entropy(logits)
-    return float(torch.special.entr(logits.float().softmax(-1)).sum(-1).mean())
-
-
-def _first_repeat(expert_ids: torch.Tensor, doc_start: torch.Tensor | None) -> float:
-    if consecutive_repeat_rates is not None:
-        return consecutive_repeat_rates(expert_ids, doc_start=doc_start)["first"]
-    same = expert_ids[:, 1:, 0] == expert_ids[:, :-1, 0]
-    if doc_start is not None:
-        same = same[~doc_start[:, 1:].bool()]
-    return float(same.float().mean()) if same.numel() else math.nan
+from moe_variants.analysis.metrics import consecutive_repeat_rates, expert_load, router_entropy
 
 
 class RoutingMetrics(L.Callback):
@@ -70,15 +45,15 @@ class RoutingMetrics(L.Callback):
         doc_start = None if doc_start is None else doc_start.cpu()
         for i, layer_out in enumerate(routing):
             expert_ids, logits = layer_out["expert_ids"].cpu(), layer_out.get("logits")
-            load = _expert_load(expert_ids, num_experts)
+            load = expert_load(expert_ids, num_experts)
             layer = {
                 "load_max": float(load.max()),
                 "load_min": float(load.min()),
                 "max_over_mean": float(load.max() / load.mean()),
-                "repeat_first": _first_repeat(expert_ids, doc_start),
+                "repeat_first": consecutive_repeat_rates(expert_ids, doc_start=doc_start)["first"],
             }
             if logits is not None:
-                layer["entropy"] = _router_entropy(logits.cpu())
+                layer["entropy"] = router_entropy(logits.cpu())
             layer.update({f"aux/{k}": float(v) for k, v in layer_out.get("aux", {}).items()})
             for name, value in layer.items():
                 metrics[f"routing/layer{i}/{name}"] = value
