@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from moe_variants.routers.resources import count_tokens
+
 
 def unigram_entropy(counts: torch.Tensor) -> float:
     """Entropy (nats/token) of the unigram distribution given by token ``counts`` (V,): the loss of the best model
@@ -22,10 +24,7 @@ def train_token_counts(datamodule: Any, vocab_size: int, resources: Any = None) 
     """(V,) token counts of the training split (shared with the routers' resources when they have them)."""
     if resources is not None and hasattr(resources, "token_counts"):
         return resources.token_counts()
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for chunk in datamodule.train_token_chunks():
-        counts += torch.bincount(chunk.reshape(-1), minlength=vocab_size).double()
-    return counts
+    return count_tokens(datamodule.train_token_chunks(), vocab_size)
 
 
 def wandb_run_dir(trainer: Any) -> str | None:

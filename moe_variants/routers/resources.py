@@ -74,6 +74,14 @@ def build_routing_vocab(
     return RoutingVocab(hashes, ranks, num_buckets, max_len, tokenizer_fingerprint)
 
 
+def count_tokens(chunks: Iterable[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """(V,) float64 occurrences of each token id in an iterable of id tensors (any shape)."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for chunk in chunks:
+        counts += torch.bincount(chunk.reshape(-1), minlength=vocab_size).double()
+    return counts
+
+
 class RoutingResources:
     """Lazily computed corpus statistics for router construction.
 
@@ -109,9 +117,7 @@ class RoutingResources:
     def token_counts(self) -> torch.Tensor:
         """(V,) float64 occurrences of each token id in the training split."""
         if self._counts is None:
-            counts = torch.zeros(self.vocab_size, dtype=torch.float64)
-            for chunk in self._token_chunks():
-                counts += torch.bincount(chunk.reshape(-1), minlength=self.vocab_size).double()
+            counts = count_tokens(self._token_chunks(), self.vocab_size)
             if counts.sum() == 0:
                 raise ValueError("the training split has no tokens: cannot compute token counts")
             self._counts = counts
