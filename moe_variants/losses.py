@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from moe_variants.experts import expert_counts
 from moe_variants.routing import RouterOutput
 
 
@@ -17,9 +18,7 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> to
     mean router probability of expert e over tokens.
     """
     T, E = probs_TE.shape
-    counts = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device)
-    counts.scatter_add_(0, expert_ids_TK.reshape(-1), torch.ones_like(expert_ids_TK.reshape(-1), dtype=probs_TE.dtype))
-    f_E = counts / expert_ids_TK.numel()
+    f_E = expert_counts(expert_ids_TK, E).to(probs_TE.dtype) / expert_ids_TK.numel()
     P_E = probs_TE.mean(0)
     return E * (f_E * P_E).sum()
 

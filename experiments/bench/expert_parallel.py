@@ -131,6 +131,7 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     """Train ``a.steps`` steps on this rank's rows; returns the global-batch LM losses, the expert load per
     EP rank (for the single-device runs: what it would be on ``world`` ranks) and timing."""
     from moe_variants import parallel
+    from moe_variants.experts import expert_counts
     from moe_variants.losses import compose_loss
 
     B = ids.shape[1]  # the global batch of this run (sequences)
@@ -174,11 +175,9 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
         opt.step()
         opt.zero_grad(set_to_none=True)
         # LM loss and routed copies per (layer, expert), summed over ranks in one all-reduce (the global-batch
-        # loss: every rank has the same number of labelled tokens); scatter_add, as bincount would sync
-        counts = torch.stack([torch.zeros(E, device=dev).scatter_add_(0, r.expert_ids.flatten(),
-                                                                      torch.ones(r.expert_ids.numel(), device=dev))
-                              for r in out.routing])
-        stats = torch.cat([out.lm_loss.detach().float().view(1), counts.flatten()])
+        # loss: every rank has the same number of labelled tokens)
+        counts = torch.stack([expert_counts(r.expert_ids, E) for r in out.routing])
+        stats = torch.cat([out.lm_loss.detach().float().view(1), counts.flatten().float()])
         if ep:
             dist.all_reduce(stats)
             stats[0] /= W
