@@ -268,16 +268,12 @@ class LitMoE(L.LightningModule):
             checkpoint[CONFIG_KEY] = self.config
         if not self.ep_active:
             return
-        import torch.distributed as dist
-
-        from moe_variants.parallel import ep_group_of, is_expert_key
+        from moe_variants.parallel import ep_group_of, gather_expert_dim, is_expert_key
 
         group, W, _ = ep_group_of(self.model)
         state = checkpoint["state_dict"]
         for k in sorted(k for k in state if is_expert_key(k)):  # the same keys, in the same order, on every rank
-            parts = [torch.empty_like(state[k]) for _ in range(W)]
-            dist.all_gather(parts, state[k].contiguous(), group=group)
-            state[k] = torch.cat(parts).cpu()  # (E, ...): on CPU, one full layer at a time on the device
+            state[k] = gather_expert_dim(state[k], group).cpu()  # (E, ...): one full layer at a time on the device
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         for optimizer, opt_state in zip(optimizers, checkpoint.get("optimizer_states", [])):
             self._gather_optimizer_state(optimizer, opt_state)
@@ -289,7 +285,7 @@ class LitMoE(L.LightningModule):
         The per-parameter dicts are replaced, never mutated: they are the live optimizer's."""
         import torch.distributed as dist
 
-        from moe_variants.parallel import ep_group_of, expert_parameters
+        from moe_variants.parallel import ep_group_of, expert_parameters, gather_expert_dim
 
         group, W, _ = ep_group_of(self.model)
         experts = {id(p) for p in expert_parameters(self.model)}
@@ -308,10 +304,8 @@ class LitMoE(L.LightningModule):
                 "them into one checkpoint"
             )
         for i, k in todo:
-            v = opt_state["state"][i][k]
-            parts = [torch.empty_like(v) for _ in range(W)]
-            dist.all_gather(parts, v.contiguous(), group=group)
-            opt_state["state"][i] = {**opt_state["state"][i], k: torch.cat(parts).cpu()}
+            full = gather_expert_dim(opt_state["state"][i][k], group).cpu()
+            opt_state["state"][i] = {**opt_state["state"][i], k: full}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Re-shard a checkpoint (full expert tensors: weights and optimizer state) for this run's EP size.

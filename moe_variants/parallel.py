@@ -352,6 +352,15 @@ def _check_rows(key: str, t: torch.Tensor, expected: int, num_experts: int, ep_s
 
 
 @torch.no_grad()
+def gather_expert_dim(shard: torch.Tensor, group: Any) -> torch.Tensor:
+    """This rank's (E/W, ...) expert shard -> the full (E, ...) tensor, all-gathered over the EP ``group`` along
+    the expert dim (a collective: every rank of the group must call it, in the same order)."""
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
 def gather_state_dict(model: nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """The full (single-process) state dict of an EP model: expert shards all-gathered along the expert dim
     (a collective: every rank of the EP group must call it; every rank gets the result). Without EP, the
@@ -361,9 +370,7 @@ def gather_state_dict(model: nn.Module, to_cpu: bool = True) -> dict[str, torch.
     out = {}
     for k, v in state.items():
         if W > 1 and is_expert_key(k):
-            parts = [torch.empty_like(v) for _ in range(W)]
-            dist.all_gather(parts, v.contiguous(), group=group)
-            v = torch.cat(parts)
+            v = gather_expert_dim(v, group)
         if isinstance(v, torch.Tensor):  # (routers may keep non-tensor ``_extra_state``)
             v = v.detach().cpu() if to_cpu else v.detach()
         out[k] = v
