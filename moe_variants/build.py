@@ -8,7 +8,6 @@ the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import secrets
@@ -46,10 +45,8 @@ def build_model(
 
 
 def make_resources(datamodule: Any) -> Any:
-    """Corpus statistics for routers that need them (``routers.resources.RoutingResources``); None when that
-    module is not available."""
-    if importlib.util.find_spec("moe_variants.routers.resources") is None:
-        return None
+    """Corpus statistics for routers that need them (``routers.resources.RoutingResources``), cached under the
+    data root; computed lazily, on a router's first request."""
     from moe_variants import paths
     from moe_variants.routers.resources import RoutingResources
 
@@ -297,7 +294,6 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
 
     from moe_variants.checkpoint import AtomicCheckpointIO
     from moe_variants.lit import LitMoE
-
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -22,7 +22,7 @@ def unigram_entropy(counts: torch.Tensor) -> float:
 
 def train_token_counts(datamodule: Any, vocab_size: int, resources: Any = None) -> torch.Tensor:
     """(V,) token counts of the training split (shared with the routers' resources when they have them)."""
-    if resources is not None and hasattr(resources, "token_counts"):
+    if resources is not None:
         return resources.token_counts()
     return count_tokens(datamodule.train_token_chunks(), vocab_size)
 

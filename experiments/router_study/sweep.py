@@ -67,10 +67,9 @@ def prepare(study: str, overrides: list[str]) -> None:
     dm.prepare_data()
     dm.setup("fit")
     res = make_resources(dm)
-    if res is not None:
-        res.token_counts()
-        r = cfg.router
-        res.routing_vocab(int(r.vocab_size), int(r.num_buckets), int(r.max_span_len))
+    res.token_counts()
+    r = cfg.router
+    res.routing_vocab(int(r.vocab_size), int(r.num_buckets), int(r.max_span_len))
 
 
 def main(argv: list[str] | None = None) -> int:
