@@ -4,8 +4,8 @@ Shape legend used across the package: B batch, S sequence, D model dim, H heads,
 K experts per token, F expert hidden dim, V vocabulary, T = B*S tokens, N = T*K routed copies.
 """
 
-from moe_variants.args import ModelArgs
-from moe_variants.model import ModelOutput, Transformer
-from moe_variants.routing import RouterOutput, RoutingContext
+from moe_variants.model.args import ModelArgs
+from moe_variants.model.routing import RouterOutput, RoutingContext
+from moe_variants.model.transformer import ModelOutput, Transformer
 
 __all__ = ["ModelArgs", "ModelOutput", "RouterOutput", "RoutingContext", "Transformer"]

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"  # the Hydra config tree (the package is installed editable from the repo)
 DATA_ROOT = Path(os.environ.get("MOE_DATA_ROOT", REPO_ROOT / "data"))
 
 

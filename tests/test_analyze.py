@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.analyze import run
-from moe_variants.checkpoint import CONFIG_KEY
-from moe_variants.hf import save_hf
+from moe_variants.analysis.analyze import run
+from moe_variants.model.hf import save_hf
+from moe_variants.training.checkpoint import CONFIG_KEY
 
 ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=32000, num_experts=4,
             num_experts_per_tok=2, max_seq_len=128)

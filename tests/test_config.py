@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from moe_variants.build import build_model, check_config, make_resources
+from moe_variants.training.build import build_model, check_config, make_resources
 
 # study/ and arm/ are global-package selectors (+study=..., arm=...): composed and built in test_router_study.py
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "study", "arm"))
@@ -112,7 +112,7 @@ def test_activation_checkpointing_key_reaches_the_model(flag):
 
 
 def test_unknown_config_name_lists_choices(tmp_path):
-    cmd = [sys.executable, "-m", "moe_variants.train", "router=nope", "data=standin",
+    cmd = [sys.executable, "-m", "moe_variants.training.run", "router=nope", "data=standin",
            f"hydra.searchpath=[file://{TEST_CONF_DIR}]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
@@ -131,7 +131,7 @@ def test_unknown_config_name_lists_choices(tmp_path):
 def test_config_errors_surface_before_training(overrides, match, tmp_path, monkeypatch):
     from lightning import Trainer
 
-    from moe_variants.train import run
+    from moe_variants.training.run import run
 
     def no_fit(*a, **k):
         raise AssertionError("training started despite an invalid config")

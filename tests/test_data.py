@@ -11,7 +11,7 @@ import torch
 
 from moe_variants.data import build
 from moe_variants.data.datamodule import PACK_SEED, CorpusDataModule, ResumableSampler, TextFilesDataModule
-from moe_variants.spans import word_starts
+from moe_variants.routers.spans import word_starts
 
 DOMAINS = ["code", "law", "prose"]
 S, B = 16, 4

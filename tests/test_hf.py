@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.hf import load_hf, save_hf
+from moe_variants.model.hf import load_hf, save_hf
 from moe_variants.routers.hash import HashRouter
 
 transformers = pytest.importorskip("transformers")

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.experts import GroupedExperts, LocalDispatcher, LoopExperts, inverse_permutation, permute_rows
-from moe_variants.losses import compose_loss, load_balance_loss
-from moe_variants.model import RMSNorm
+from moe_variants.model.experts import GroupedExperts, LocalDispatcher, LoopExperts, inverse_permutation, permute_rows
+from moe_variants.model.losses import compose_loss, load_balance_loss
+from moe_variants.model.transformer import RMSNorm
 from moe_variants.routers.hash import HashRouter
 from moe_variants.routers.topk import TopKRouter
 
@@ -68,7 +68,7 @@ def test_one_expert_moe_equals_dense_swiglu():
     model = Transformer(args).eval()
     moe = model.layers[0].feed_forward
     x = torch.randn(2, 9, args.dim)
-    from moe_variants.routing import RoutingContext
+    from moe_variants.model.routing import RoutingContext
 
     ctx = RoutingContext(history_ids=torch.zeros(2, 9, dtype=torch.long), positions=torch.arange(9).expand(2, 9))
     y, routing = moe(x, ctx)
@@ -269,7 +269,7 @@ def test_activation_checkpointing_keeps_loss_routing_and_gradients(router):
 
 def test_activation_checkpointing_only_in_training(monkeypatch):
     """The checkpoint wraps every block in training only: not in eval, under no_grad or with a KV cache."""
-    import moe_variants.model as model_mod
+    import moe_variants.model.transformer as model_mod
 
     calls = []
     real = model_mod.checkpoint

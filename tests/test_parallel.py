@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants import parallel as P
+from moe_variants.parallel import expert_parallel as P
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -175,7 +175,7 @@ def test_trainer_configs_compose(trainer: str):
     else:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from moe_variants.model import TransformerBlock
+        from moe_variants.model.transformer import TransformerBlock
 
         strategy = instantiate(t.strategy)
         assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"

@@ -1,6 +1,6 @@
 """Expert parallelism in the Lightning path (``moe-train trainer=ddp parallel.expert_parallel=2``) on CPU.
 
-The EP runs are the real command: ``python -m moe_variants.train trainer=ddp trainer.accelerator=cpu
+The EP runs are the real command: ``python -m moe_variants.training.run trainer=ddp trainer.accelerator=cpu
 trainer.devices=2 ...`` in a subprocess; Lightning's DDP launcher starts the second rank with the same command
 (gloo). They are compared with single-process runs (in this process) on the same global batch and seed, fp32:
 
@@ -85,7 +85,7 @@ class GlobalLoss(L.Callback):
         self.path, self.losses = path, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from moe_variants.parallel import is_expert_key
+        from moe_variants.parallel.expert_parallel import is_expert_key
 
         grads = {n: p.grad for n, p in pl_module.model.named_parameters() if p.grad is not None}
         dense = sum(float(g.double().square().sum()) for n, g in grads.items() if not is_expert_key(n))
@@ -140,10 +140,10 @@ def compose_single(run_dir: Path, *overrides: str):
 
 
 def run_ddp(cwd: Path, name: str, *overrides: str) -> Path:
-    """``python -m moe_variants.train trainer=ddp ...`` (2 CPU processes, gloo); returns its run dir."""
+    """``python -m moe_variants.training.run trainer=ddp ...`` (2 CPU processes, gloo); returns its run dir."""
     from conftest import TEST_CONF_DIR
 
-    cmd = [sys.executable, "-m", "moe_variants.train", f"hydra.searchpath=[file://{TEST_CONF_DIR}]",
+    cmd = [sys.executable, "-m", "moe_variants.training.run", f"hydra.searchpath=[file://{TEST_CONF_DIR}]",
            "experiment=ep", f"name={name}", *COMMON, *DDP, *overrides]
     tests = str(Path(__file__).resolve().parent)  # (module-scoped: conftest's PYTHONPATH may not be set yet)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
@@ -156,7 +156,7 @@ def run_ddp(cwd: Path, name: str, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The one-process reference (6 steps), and the EP=2 run of the same global batches."""
-    from moe_variants.train import run
+    from moe_variants.training.run import run
 
     tmp = tmp_path_factory.mktemp("ep_lightning")
     threads = torch.get_num_threads()
@@ -171,8 +171,8 @@ def runs(tmp_path_factory):
 
 
 def test_ep_lightning_matches_single_process_and_checkpoints_are_full(runs):
-    from moe_variants.checkpoint import load_model
-    from moe_variants.lit import EP_KEY
+    from moe_variants.parallel.lightning import EP_KEY
+    from moe_variants.training.build import load_model
 
     tmp, single_dir, ep_dir = runs
     ref = read_losses(tmp / "single.json")
@@ -204,7 +204,7 @@ def test_ep_lightning_matches_single_process_and_checkpoints_are_full(runs):
 
 def test_resume_across_ep_sizes_keeps_optimizer_state(runs):
     """EP=2 step-3 checkpoint -> one process, and one-process step-3 checkpoint -> EP=2: steps 3-5 as uninterrupted."""
-    from moe_variants.train import run
+    from moe_variants.training.run import run
 
     tmp, single_dir, ep_dir = runs
     ref = read_losses(tmp / "single.json")
@@ -220,7 +220,7 @@ def test_resume_across_ep_sizes_keeps_optimizer_state(runs):
 
 # -- errors (one process) -----------------------------------------------------------------------------------------
 def test_ep_config_errors(tmp_path):
-    from moe_variants.build import build
+    from moe_variants.training.build import build
 
     with pytest.raises(ValueError, match=r"expert-parallel size 3.*choose an expert-parallel size dividing"):
         build(compose_single(tmp_path / "a", "parallel.expert_parallel=3"))
@@ -239,7 +239,7 @@ def test_ep_config_errors(tmp_path):
 
 def test_lit_ep_errors_without_process_group_and_for_sharded_checkpoints(tiny_args):
     from moe_variants import Transformer
-    from moe_variants.lit import LitMoE
+    from moe_variants.training.lit import LitMoE
 
     lit = LitMoE(Transformer(tiny_args), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3), scheduler=None,
                  loss_coefficients={}, expert_parallel=2)

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.audit import AUDIT_ARGS, synthetic_resources
+from moe_variants.routers.audit import AUDIT_ARGS, synthetic_resources
 from moe_variants.routers.hash import HashRouter
 
 STUDY = REPO_ROOT / "experiments" / "router_study"
@@ -122,7 +122,7 @@ def test_study_configs_compose_for_every_arm(arm):
 def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
     from standin_data import StandinDataModule
 
-    from moe_variants.build import build_model, make_resources
+    from moe_variants.training.build import build_model, make_resources
 
     root = tmp_path / "runs"
     (root / "distilled_hash").mkdir(parents=True)

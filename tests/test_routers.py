@@ -15,12 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.audit import AUDIT_ARGS, audit_router, synthetic_resources
+from moe_variants.model.routing import LayerSpec, RoutingContext
+from moe_variants.routers.audit import AUDIT_ARGS, audit_router, synthetic_resources
 from moe_variants.routers.hash import HashRouter, balanced_expert_table, lpt_expert_table
 from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers.spans import start_index
 from moe_variants.routers.topk import TopKRouter
-from moe_variants.routing import LayerSpec, RoutingContext
-from moe_variants.spans import start_index
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "router"
 ROUTER_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -93,7 +93,7 @@ def test_whole_word_refuses_to_build_without_flag():
 
 
 def test_audit_command(capsys):
-    from moe_variants.audit import main
+    from moe_variants.routers.audit import main
 
     assert main(["router=hash", "router.table=bigram"]) == 0
     assert main(["router=span", "router.decision=whole_word", "router.allow_lookahead=true"]) == 1

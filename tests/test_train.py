@@ -17,8 +17,9 @@ import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from moe_variants.checkpoint import load_model, save_atomic
-from moe_variants.train import run
+from moe_variants.training.build import load_model
+from moe_variants.training.checkpoint import save_atomic
+from moe_variants.training.run import run
 
 FAST = ["model=tiny", "data=standin", "data.seq_len=32", "data.batch_size=4", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
@@ -120,7 +121,7 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
 
 
 def test_multirun_runs_share_one_wandb_group(tmp_path):
-    cmd = [sys.executable, "-m", "moe_variants.train", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
+    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
            f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,7 +217,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
-    from moe_variants.build import build
+    from moe_variants.training.build import build
 
     r = build(compose_run(tmp_path, "trainer.max_steps=2"))
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
 
 def test_weight_decay_skips_only_norm_gains(tiny_args):
     from moe_variants import Transformer
-    from moe_variants.lit import LitMoE
+    from moe_variants.training.lit import LitMoE
 
     model = Transformer(tiny_args)
     lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),

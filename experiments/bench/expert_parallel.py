@@ -109,8 +109,8 @@ def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Te
 
 
 def build(cfg: Any, a: argparse.Namespace, word_start: torch.Tensor, dev: torch.device, ep: bool) -> torch.nn.Module:
-    from moe_variants import parallel
-    from moe_variants.build import build_model
+    from moe_variants.parallel import expert_parallel as parallel
+    from moe_variants.training.build import build_model
 
     torch.manual_seed(a.seed)
     model = build_model(cfg, word_start_table=word_start)
@@ -130,9 +130,9 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
           dev: torch.device, ep: bool, loss_coefficients: dict[str, float]) -> dict[str, Any]:
     """Train ``a.steps`` steps on this rank's rows; returns the global-batch LM losses, the expert load per
     EP rank (for the single-device runs: what it would be on ``world`` ranks) and timing."""
-    from moe_variants import parallel
-    from moe_variants.experts import expert_counts
-    from moe_variants.losses import compose_loss
+    from moe_variants.model.experts import expert_counts
+    from moe_variants.model.losses import compose_loss
+    from moe_variants.parallel import expert_parallel as parallel
 
     B = ids.shape[1]  # the global batch of this run (sequences)
     W, r = (dist.get_world_size(), dist.get_rank()) if ep else (1, 0)

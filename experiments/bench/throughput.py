@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from moe_variants import ModelArgs, Transformer
+from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 from moe_variants.routers.hash import HashRouter
 from moe_variants.routers.span import SpanRouter
 from moe_variants.routers.topk import TopKRouter
-from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
 
 
 @dataclass

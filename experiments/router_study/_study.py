@@ -88,7 +88,7 @@ def datamodule_for(cfg: Any, **overrides: Any) -> Any:
 
 class OnDevice:
     """Runs a model on ``device`` while the caller feeds CPU batches and reads CPU routing outputs, so that
-    ``moe_variants.analyze.collect`` and the metric functions work unchanged on a GPU."""
+    ``moe_variants.analysis.analyze.collect`` and the metric functions work unchanged on a GPU."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model, self.device = model.to(device), device

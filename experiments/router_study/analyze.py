@@ -127,8 +127,8 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
                 device: str = "auto", force: bool = False, data_overrides: dict[str, Any] | None = None
                 ) -> dict[str, Any] | None:
     """``out/runs/<name>/run.json`` for a finished run (None if it has no report.json yet)."""
-    from moe_variants.analyze import analyze, collect
-    from moe_variants.checkpoint import load_model
+    from moe_variants.analysis.analyze import analyze, collect
+    from moe_variants.training.build import load_model
 
     report = run.report()
     if report is None:

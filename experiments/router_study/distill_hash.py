@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import OnDevice, datamodule_for, distilled_table_path, pick_device, study_root  # noqa: E402
 
 from moe_variants.analysis import best_token_expert_table  # noqa: E402
-from moe_variants.checkpoint import load_model, read_checkpoint, save_atomic  # noqa: E402
 from moe_variants.data.datamodule import Collate  # noqa: E402
+from moe_variants.training.build import load_model  # noqa: E402
+from moe_variants.training.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def prepare(study: str, overrides: list[str]) -> None:
     only read the caches."""
     from hydra.utils import instantiate
 
-    from moe_variants.build import make_resources
+    from moe_variants.training.build import make_resources
 
     cfg = study_config(study, ["arm=span_vocab", *overrides])
     dm = instantiate(cfg.data)
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if j.kind == "distill":
             return [sys.executable, str(HERE / "distill_hash.py"), "--ckpt", str(root / f"topk-s{j.seed}"), "--out",
                     str(distilled_table_path(root, j.seed)), "--windows", str(a.distill_windows), *data_args]
-        return [sys.executable, "-m", "moe_variants.train", f"+study={a.study}", f"arm={j.arm}", f"seed={j.seed}",
-                "ckpt_path=last", *overrides]
+        return [sys.executable, "-m", "moe_variants.training.run", f"+study={a.study}", f"arm={j.arm}",
+                f"seed={j.seed}", "ckpt_path=last", *overrides]
 
     running: dict[int, tuple[subprocess.Popen, Job, float]] = {}
     failed: list[str] = []

@@ -1,9 +1,12 @@
-"""Routing analysis: pure functions over routing decisions (tensors in, numbers/tensors/dicts/HTML out).
+"""Routing analysis: the Mixtral paper's routing statistics (and OLMoE's) for any checkpoint, ours or HF Mixtral.
 
-Used live (from a training callback) and offline (``experiments/<study>/analyze.py``) on the same
-``ModelOutput.routing``; no Lightning, Hydra or W&B here. Conventions (shapes, masks, document boundaries,
-normalisations) are in :mod:`moe_variants.analysis.metrics`. Figures: :mod:`moe_variants.analysis.plots`
-(matplotlib imported lazily).
+Owns: pure metric functions over routing decisions (``metrics``: tensors in, numbers/tensors/dicts out; used
+live by a training callback and offline), figures (``plots``, matplotlib imported lazily), the token view
+(``token_view``) and the ``moe-analyze`` app (``analyze``). Conventions (shapes, masks, document boundaries,
+normalisations) are in :mod:`moe_variants.analysis.metrics`.
+
+May import: torch, numpy, matplotlib; ``analyze`` alone also imports ``model``, ``data`` and
+``training.checkpoint`` (to load checkpoints), Hydra and W&B. ``metrics`` imports nothing of the project.
 """
 
 from moe_variants.analysis.metrics import (

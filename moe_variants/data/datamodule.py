@@ -4,7 +4,7 @@ A batch is a dict of (B, S) tensors:
 
 * ``input_ids`` int64, ``labels`` int64 (the next token of each position),
 * ``domain_ids`` int64 (index into ``dm.domains``, a sorted list of names, of the document the token belongs to),
-* ``span_start`` bool (:func:`moe_variants.spans.word_starts` with the tokenizer's word-start table),
+* ``span_start`` bool (:func:`moe_variants.routers.spans.word_starts` with the tokenizer's word-start table),
 * ``doc_start`` bool (the token is the BOS that opens a document).
 
 Every document gets a BOS in front; documents are concatenated in a fixed shuffled order and cut into windows
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moe_variants import paths
 from moe_variants.data.tokenizer import bos_id, load_tokenizer, tokenizer_fingerprint, word_start_table_for
-from moe_variants.spans import word_starts
+from moe_variants.routers.spans import word_starts
 
 PACK_SEED = 20240229  # the document order used for packing: fixed, so every seed trains on the same windows
 _TOKENIZE_VERSION = "v1"  # bump when the tokenisation output format changes (invalidates datasets' cache)

@@ -20,7 +20,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
 from moe_variants import paths
-from moe_variants.spans import word_start_table
+from moe_variants.routers.spans import word_start_table
 
 SPM_SPACE = "\u2581"  # "▁", SentencePiece's whitespace marker
 MIXTRAL_MODEL = ("mistral_common", "data/tokenizer.model.v1")
@@ -236,7 +236,7 @@ def special_token_ids(tok: Tokenizer) -> list[int]:
 
 
 def word_start_table_for(tok: Tokenizer) -> torch.Tensor:
-    """(V,) bool table of :func:`moe_variants.spans.word_start_table` for this tokenizer's vocabulary."""
+    """(V,) bool table of :func:`moe_variants.routers.spans.word_start_table` for this tokenizer's vocabulary."""
     V = tok.get_vocab_size(with_added_tokens=True)
     pieces = [tok.id_to_token(i) or "" for i in range(V)]
     return word_start_table(pieces, special_token_ids(tok))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
+from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 
 TABLES = ("random", "balanced", "balanced_lpt", "prev_token", "bigram", "file")
 WEIGHTS = ("uniform", "learned")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_variants import spans
+from moe_variants.routers import spans
 
 ROUTING_VOCAB_VERSION = 1
 

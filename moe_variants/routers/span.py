@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_variants.losses import load_balance_loss, z_loss
+from moe_variants.model.losses import load_balance_loss, z_loss
+from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 from moe_variants.routers.hash import hashed_weights, random_expert_table
 from moe_variants.routers.resources import ROUTING_VOCAB_VERSION, lookup_routing_ids
+from moe_variants.routers.spans import SpanDef, start_index
 from moe_variants.routers.topk import topk_gate
-from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
-from moe_variants.spans import SpanDef, start_index
 
 DECISIONS = ("learned_head", "routing_vocab", "whole_word")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_variants.losses import load_balance_loss, z_loss
-from moe_variants.routing import LayerSpec, Router, RouterOutput, RoutingContext
+from moe_variants.model.losses import load_balance_loss, z_loss
+from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 
 
 def topk_gate(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

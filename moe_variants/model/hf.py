@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_variants.args import ModelArgs
-from moe_variants.model import Transformer
+from moe_variants.model.args import ModelArgs
+from moe_variants.model.transformer import Transformer
 
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
 _ATTN_TO_HF = {ours: hf for hf, ours in _ATTN.items()}

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from moe_variants.experts import expert_counts
-from moe_variants.routing import RouterOutput
+from moe_variants.model.experts import expert_counts
+from moe_variants.model.routing import RouterOutput
 
 
 def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:

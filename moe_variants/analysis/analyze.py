@@ -21,20 +21,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_variants import analysis as A
-from moe_variants.model import Transformer
-from moe_variants.paths import REPO_ROOT
+from moe_variants.model.transformer import Transformer
+from moe_variants.paths import CONF_DIR
 
 
 def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
     """Our checkpoint (file or run dir) or an HF Mixtral directory -> (model, data settings)."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():
-        from moe_variants.hf import load_hf
+        from moe_variants.model.hf import load_hf
 
         return load_hf(p).eval(), {"tokenizer": "mixtral", "source": "hf"}
     if not p.exists():
         raise FileNotFoundError(f"ckpt={path} does not exist: give a .ckpt file, a run dir or an HF Mixtral dir")
-    from moe_variants.checkpoint import load_model
+    from moe_variants.training.build import load_model
 
     model, cfg = load_model(p)
     data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
@@ -185,6 +185,6 @@ def log_wandb(metrics: dict, out: Path, name: str) -> None:
     run.finish()
 
 
-@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="analyze")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="analyze")
 def main(cfg: DictConfig) -> None:
     run(cfg)

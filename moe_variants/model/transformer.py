@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_variants.args import ModelArgs
-from moe_variants.experts import Experts, LocalDispatcher, compute_dtype, make_experts
-from moe_variants.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
+from moe_variants.model.args import ModelArgs
+from moe_variants.model.experts import Experts, LocalDispatcher, compute_dtype, make_experts
+from moe_variants.model.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
 
 
 class RMSNorm(nn.Module):

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_variants.experts import (
+from moe_variants.model.experts import (
     Dispatched,
     Experts,
     LocalDispatcher,
@@ -173,7 +173,7 @@ class AllToAllDispatcher:
 
 # -- applying EP to a model ----------------------------------------------------------------------------------
 def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moe_variants.model import MoE
+    from moe_variants.model.transformer import MoE
 
     return [m for m in model.modules() if isinstance(m, MoE)]
 
@@ -342,8 +342,9 @@ def _check_rows(key: str, t: torch.Tensor, expected: int, num_experts: int, ep_s
         saved = num_experts // rows
         raise ValueError(
             f"{key} holds {rows} of the {num_experts} experts: it was saved with ep_size={saved} (one rank's "
-            f"shard), this run uses ep_size={ep_size}: gather it with moe_variants.parallel.gather_state_dict on "
-            f"{saved} ranks (checkpoints should hold full expert tensors), or run with ep_size={saved}"
+            f"shard), this run uses ep_size={ep_size}: gather it with "
+            f"moe_variants.parallel.expert_parallel.gather_state_dict on {saved} ranks (checkpoints should hold "
+            f"full expert tensors), or run with ep_size={saved}"
         )
     raise ValueError(
         f"{key} has {rows} experts but the model has num_experts={num_experts}: the checkpoint is from another "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_variants import spans
+from moe_variants.routers import spans
 
 
 @dataclass

@@ -11,18 +11,31 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from moe_variants.args import ModelArgs
-from moe_variants.checkpoint import MODEL_SECTIONS, config_differences, read_checkpoint
-from moe_variants.lit import CONFIG_KEY
-from moe_variants.model import Transformer
+from moe_variants import paths
+from moe_variants.model.args import ModelArgs
+from moe_variants.model.transformer import Transformer
+from moe_variants.parallel.expert_parallel import local_expert_range
+from moe_variants.routers.resources import RoutingResources
+from moe_variants.training.checkpoint import (
+    CONFIG_KEY,
+    MODEL_SECTIONS,
+    AtomicCheckpointIO,
+    config_differences,
+    read_checkpoint,
+)
+from moe_variants.training.lit import LitMoE
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +57,40 @@ def build_model(
     )
 
 
+def load_model(
+    path: str | os.PathLike[str], map_location: Any = "cpu"
+) -> tuple[Transformer, DictConfig]:
+    """Rebuild the trained model from a checkpoint file (or a run dir: its ``checkpoints/last.ckpt``).
+
+    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with ``resources=None``;
+    their corpus-derived tables are buffers and come from the state dict.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # tolerate a torch.compile'd wrapper
+    table = state.get("word_start_table")
+    model = build_model(cfg, word_start_table=None if table is None else torch.zeros_like(table), resources=None)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not match the model rebuilt from its own config: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path} does not match the model rebuilt from its own config: missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]} (was the model code changed?)"
+        )
+    return model.eval(), cfg
+
+
 def make_resources(datamodule: Any) -> Any:
     """Corpus statistics for routers that need them (``routers.resources.RoutingResources``), cached under the
     data root; computed lazily, on a router's first request."""
-    from moe_variants import paths
-    from moe_variants.routers.resources import RoutingResources
-
     return RoutingResources.from_datamodule(datamodule, cache_dir=paths.data_root() / "cache" / "routing")
 
 
 def router_name(cfg: DictConfig) -> str:
     """The router's config name (``topk``), from Hydra's choices when running under Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get("router")
         if choice:
@@ -73,8 +107,6 @@ def check_config(cfg: DictConfig) -> ModelArgs:
         raise ValueError(f"invalid model config: {e}") from e
     ep = expert_parallel_size(cfg)
     if ep != "world":
-        from moe_variants.parallel import local_expert_range
-
         local_expert_range(args.num_experts, ep, 0)  # ValueError naming the divisors of num_experts
     seq_len = cfg.data.get("seq_len")
     if seq_len is not None and seq_len > args.max_seq_len:
@@ -98,10 +130,6 @@ def expert_parallel_size(cfg: DictConfig) -> int | str:
 def check_expert_parallel(ep: int | str, args: ModelArgs, trainer: Any) -> int:
     """The EP size for this trainer (``"world"`` resolved); EP needs Lightning's DDP strategy with exactly EP
     processes (expert parallelism over the whole world; hybrid EP x DP is not wired into this path)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    from moe_variants.parallel import local_expert_range
-
     processes = int(trainer.num_devices) * int(trainer.num_nodes)
     ep = processes if ep == "world" else int(ep)
     if ep == 1:
@@ -211,8 +239,6 @@ def make_callbacks(cfg: DictConfig) -> list[Any]:
 def claim_run_dir(run_dir: Path) -> Path:
     """Refuse to share a run dir with a live moe-train (same command started twice): ``<run_dir>/.running``
     holds the owner's host and pid; a stale one (dead pid) is taken over. Returns the lock file to remove."""
-    import socket
-
     run_dir.mkdir(parents=True, exist_ok=True)
     lock, me = run_dir / ".running", f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
@@ -290,11 +316,6 @@ def launch_rank() -> int:
 
 def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelArgs, ckpt_path: str | None,
            lock: Path | None) -> Run:
-    import lightning as L
-
-    from moe_variants.checkpoint import AtomicCheckpointIO
-    from moe_variants.lit import LitMoE
-
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -305,6 +326,12 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
     model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
     if cfg.get("compile"):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
+    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
+    loggers = make_loggers(cfg, tags, run_dir if launch_rank() == 0 else None, resuming=ckpt_path is not None)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
     lit = LitMoE(
         model,
         optimizer=instantiate(cfg.optimizer),
@@ -312,15 +339,9 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         loss_coefficients=OmegaConf.to_container(cfg.loss, resolve=True),
         domains=list(getattr(datamodule, "domains", ["all"])),
         config=config,
+        # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
+        expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer),
     )
-    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
-    loggers = make_loggers(cfg, tags, run_dir if launch_rank() == 0 else None, resuming=ckpt_path is not None)
-    trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(run_dir),
-    )
-    # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
-    lit.expert_parallel = check_expert_parallel(expert_parallel_size(cfg), args, trainer)
     for lg in loggers:  # the full resolved config, once
         lg.log_hyperparams(config)
     return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources, lock)

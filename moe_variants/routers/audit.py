@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from moe_variants.args import ModelArgs
-from moe_variants.model import Transformer
+from moe_variants.model.args import ModelArgs
+from moe_variants.model.routing import RouterFactory
+from moe_variants.model.transformer import Transformer
+from moe_variants.paths import CONF_DIR
 from moe_variants.routers.resources import RoutingResources
-from moe_variants.routing import RouterFactory
 
 
 @dataclass
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.utils import instantiate
 
     overrides = sys.argv[1:] if argv is None else argv
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="audit", overrides=overrides)
     router = instantiate(cfg.router)
     result = audit_router(router, ModelArgs(**AUDIT_ARGS))

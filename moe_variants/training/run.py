@@ -8,21 +8,21 @@ import logging
 import math
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
+import wandb
 from omegaconf import DictConfig
 
+from moe_variants.paths import CONF_DIR
+from moe_variants.training.build import build
+from moe_variants.training.report import make_report, write_report
+
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repo's conf/ (editable install)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config; returns the report (also written to the run dir)."""
-    from moe_variants.build import build
-    from moe_variants.report import make_report, write_report
-
     # lightning 2.6 on torch 2.13 warns on every fit (ENVIRONMENT.md §1); nothing to act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     # the data module resumes its stream from trainer.global_step itself (its documented contract)
@@ -42,13 +42,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if r.lock is not None:
             r.lock.unlink(missing_ok=True)
-        for lg in r.trainer.loggers:  # close the W&B run so the next run of a sweep (same process) gets its own
-            if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
-                lg.experiment.finish()
+        if wandb.run is not None:  # close the W&B run so the next run of a sweep (same process) gets its own
+            wandb.finish()
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns the final validation loss (what a Hydra sweeper would minimise)."""
     return float(run(cfg)["val_loss"])

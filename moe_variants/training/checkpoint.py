@@ -1,6 +1,6 @@
-"""Checkpoint IO: atomic writes, reading the saved run config back, and ``load_model`` without Lightning.
+"""Checkpoint IO: atomic writes, reading a checkpoint and its saved run config back, comparing configs.
 
-A training checkpoint is Lightning's dict plus the resolved run config under ``lit.CONFIG_KEY``; the model
+A training checkpoint is Lightning's dict plus the resolved run config under ``CONFIG_KEY``; the model
 weights (router tables and the word-start table included: they are buffers) are ``state_dict["model.*"]``.
 """
 
@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from moe_variants.model import Transformer
-
-CONFIG_KEY = "moe_variants_config"  # same as lit.CONFIG_KEY (kept here so loading never imports Lightning)
+CONFIG_KEY = "moe_variants_config"  # where the resolved run config lives in a checkpoint
 MODEL_SECTIONS = ("model", "router", "experts")  # what must match for weights to mean the same thing
 
 
@@ -46,28 +45,13 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         os.close(dir_fd)
 
 
-def _make_atomic_checkpoint_io() -> type:
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`)."""
 
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`)."""
-
-        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            if storage_options is not None:
-                raise TypeError("AtomicCheckpointIO does not take storage_options")
-            save_atomic(checkpoint, path)
-
-    AtomicCheckpointIO.__module__ = __name__
-    return AtomicCheckpointIO
-
-
-def __getattr__(name: str) -> Any:
-    # ``AtomicCheckpointIO`` is built on first use so that ``load_model`` never imports Lightning
-    if name == "AtomicCheckpointIO":
-        cls = _make_atomic_checkpoint_io()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        save_atomic(checkpoint, path)
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
@@ -119,31 +103,3 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], sec
             if a.get(key, "<missing>") != b.get(key, "<missing>"):
                 diffs.append(f"{key}: checkpoint {a.get(key, '<missing>')!r}, config {b.get(key, '<missing>')!r}")
     return diffs
-
-
-def load_model(
-    path: str | os.PathLike[str], map_location: Any = "cpu"
-) -> tuple[Transformer, DictConfig]:
-    """Rebuild the trained model from a checkpoint file (or a run dir: its ``checkpoints/last.ckpt``).
-
-    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with ``resources=None``;
-    their corpus-derived tables are buffers and come from the state dict.
-    """
-    from moe_variants.build import build_model
-
-    ckpt = read_checkpoint(path, map_location)
-    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # tolerate a torch.compile'd wrapper
-    table = state.get("word_start_table")
-    model = build_model(cfg, word_start_table=None if table is None else torch.zeros_like(table), resources=None)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not match the model rebuilt from its own config: {e}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint {path} does not match the model rebuilt from its own config: missing "
-            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]} (was the model code changed?)"
-        )
-    return model.eval(), cfg

@@ -1,0 +1,10 @@
+"""One training run, from a composed Hydra config to a report.
+
+Owns: the ``moe-train`` app (``run``: config -> checks -> build -> fit -> report, top to bottom), building the
+run's objects from config (``build``), the thin Lightning module (``lit``: loss, logging, optimizer), the LR
+schedule (``schedule``), checkpoint IO (``checkpoint``), training callbacks (``callbacks``) and the run report
+(``report``).
+
+May import: every other layer (``model``, ``routers``, ``data``, ``parallel``, ``analysis.metrics``), Hydra,
+Lightning, W&B. Nothing below it imports ``training``, except ``analysis.analyze``, which loads checkpoints.
+"""
