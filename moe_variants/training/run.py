@@ -15,10 +15,12 @@ from typing import Any
 import hydra
 import wandb
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_variants.paths import CONF_DIR
 from moe_variants.training.build import build
+from moe_variants.training.checkpoint import NO_SPACE, NOT_WRITABLE
 from moe_variants.training.interrupt import Interrupted
 from moe_variants.training.report import make_report, write_report
 
@@ -78,7 +80,7 @@ def resume_command(run_dir: Any, *extra: str) -> str:
         return shlex.join(["moe-train", f"hydra.run.dir={run_dir}", "ckpt_path=last", *extra])
     hc = HydraConfig.get()
     task = [o for o in hc.overrides.task if not o.split("=", 1)[0].lstrip("+~").startswith("ckpt_path")]
-    where = [f"hydra.run.dir={run_dir}"] if str(hc.mode) == "RunMode.MULTIRUN" or any(
+    where = [f"hydra.run.dir={run_dir}"] if hc.mode == RunMode.MULTIRUN or any(
         o.startswith(("hydra.run.dir", "hydra.sweep")) for o in hc.overrides.hydra) else []
     return shlex.join(["moe-train", *task, *where, "ckpt_path=last", *extra])
 
@@ -90,6 +92,11 @@ def main(cfg: DictConfig) -> float:
         return float(run(cfg)["val_loss"])
     except Interrupted:
         sys.exit(130)  # stops a sweep too; the resume command is printed
+    except OSError as e:
+        if e.errno not in NO_SPACE + NOT_WRITABLE:
+            raise
+        print(f"moe-train: {e}", file=sys.stderr)  # one line naming the path (checkpoint.write_error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
