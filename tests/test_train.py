@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,9 @@ from conftest import CONF_DIR, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from moe_variants.training.build import load_model
-from moe_variants.training.checkpoint import save_atomic
+from moe_variants.training.checkpoint import AtomicCheckpointIO, checkpoint_nonfinite, save_atomic
 from moe_variants.training.run import run
+from moe_variants.training.wandb_offline import read_run
 
 FAST = ["model=tiny", "data=standin", "data.seq_len=32", "data.batch_size=4", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
@@ -30,56 +29,6 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
     base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[*base, *overrides])
-
-
-# -- reading W&B offline runs back (LevelDB-log framing of protobuf Records, ENVIRONMENT.md §2) ----------------
-def wandb_records(path: Path, block: int = 32768):
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf = path.read_bytes(), 7, b""  # 7-byte file header
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:
-            pos += block - pos % block
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # full record / last fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
-            buf = b""
-            yield rec
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-
-
-def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
-    """Group, tags, config and history of the (last) offline W&B run under ``run_dir``. wandb-core may still be
-    flushing right after ``finish()``, so wait for the run's exit record."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        assert files, f"no offline W&B run under {run_dir}"
-        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False}
-        for rec in wandb_records(files[-1]):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-            elif kind == "config":
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-            elif kind == "history":
-                out["history"].append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-            elif kind == "exit":
-                out["exited"] = True
-        if out["exited"] or time.monotonic() > deadline:
-            return out
-        time.sleep(0.2)
 
 
 def csv_losses(run_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
@@ -107,8 +56,8 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
     assert (tmp_path / "report.md").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["unigram_entropy"] > 0
     assert report["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
-    wb = read_wandb_run(tmp_path)
-    assert wb["exited"], "the W&B run was not closed"
+    wb = read_run(tmp_path, wait_s=60)  # wandb-core may still be flushing right after finish()
+    assert wb["exit_code"] == 0, "the W&B run was not closed as finished"
     assert Path(report["wandb_run_dir"]).is_dir()
     assert wb["group"] == "e2e" and {"topk", "seed-0"} <= set(wb["tags"])
     cfg = wb["config"]
@@ -125,7 +74,7 @@ def test_multirun_runs_share_one_wandb_group(tmp_path):
            f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: read_wandb_run(tmp_path / "runs" / "sweep1" / name) for name in ("topk-s0", "hash-s0")}
+    runs = {name: read_run(tmp_path / "runs" / "sweep1" / name, wait_s=60) for name in ("topk-s0", "hash-s0")}
     assert {r["group"] for r in runs.values()} == {"sweep1"}
     assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
     assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
@@ -227,6 +176,77 @@ def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
         r.trainer.fit(r.lit, datamodule=r.datamodule)
     after = r.model.state_dict()
     assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
+
+
+def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_is_exact(trained, tmp_path):
+    """A NaN gradient at step 3 (injected after backward) stops the run before the optimizer step: no checkpoint of
+    that step or later, last.ckpt is the finite step-2 state, and resuming from it ends where the uninterrupted run
+    ends, bit for bit."""
+    steps = ["trainer.max_steps=6", "scheduler.total_steps=6", "callbacks.checkpoint.every_n_train_steps=2"]
+    with pytest.raises(FloatingPointError, match=r"NaN/inf gradient at step 3 \(1 parameters.*lower the LR"):
+        run(compose_run(tmp_path, *steps, "+callbacks.nan._target_=fault_injection.NanGradAt", "+callbacks.nan.step=3"))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000002.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 and not checkpoint_nonfinite(last)
+    assert not (tmp_path / ".running").exists()
+    run(compose_run(tmp_path, *steps, "ckpt_path=last"))
+    ref_dir, _ = trained
+    want = torch.load(ref_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    got = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6"))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    # without weight decay the weights reach ~1e5 within 3 steps, then the gradients overflow
+    with pytest.raises(FloatingPointError, match=r"NaN/inf (gradient|loss) at step (\d+) .*largest \|weight\| now"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6", "optimizer.weight_decay=0", "trainer.max_steps=8",
+                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1"))
+    ckpts = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/*")}
+    assert "last.ckpt" in ckpts and len(ckpts) >= 2
+    assert all(not checkpoint_nonfinite(c) for c in ckpts.values())
+    assert ckpts["last.ckpt"]["global_step"] == max(c["global_step"] for c in ckpts.values()) < 8
+
+
+def test_checkpoint_io_refuses_nonfinite_values(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    bad = {"state_dict": {"w": torch.ones(3)}, "global_step": 2,
+           "optimizer_states": [{"state": {0: {"exp_avg_sq": torch.tensor([1.0, float("inf")])}}}]}
+    with pytest.raises(FloatingPointError, match=r"refusing to write checkpoint .* at step 2: non-finite values in "
+                                                 r"optimizer_states.0.state.0.exp_avg_sq"):
+        AtomicCheckpointIO().save_checkpoint(bad, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1 and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_load_model_refuses_nonfinite_weights(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["model.output.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(output.weight\).*use an earlier checkpoint"):
+        load_model(tmp_path / "nan.ckpt")
+
+
+def test_resume_refuses_a_silent_change_of_what_is_trained(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match=r"differing keys:\n  scheduler.total_steps: checkpoint 6, config 8\n"
+                                         r"scheduler.total_steps is the LR schedule's horizon") as err:
+        run(compose_run(tmp_path, ckpt, "trainer.max_steps=8"))  # the horizon would follow the stop step
+    assert "resume_allow_changes=[scheduler.total_steps]" in str(err.value)
+    with pytest.raises(ValueError, match=r"optimizer.lr: checkpoint 0.003, config 0.001\n  data.seq_len: checkpoint "
+                                         r"32, config 16\n(.|\n)*resume_allow_changes=\[optimizer.lr,data.seq_len\]"):
+        run(compose_run(tmp_path, ckpt, "trainer.max_steps=6", "scheduler.total_steps=6", "optimizer.lr=1e-3",
+                        "data.seq_len=16"))
+    assert not any(tmp_path.iterdir())  # refused runs write nothing
+    # explicit: the new LR is taken, the run resumes (here: already at its last step, so it only validates)
+    report = run(compose_run(tmp_path, ckpt, "trainer.max_steps=6", "scheduler.total_steps=6", "optimizer.lr=1e-3",
+                             "resume_allow_changes=[optimizer.lr]", "report=false"))
+    assert report["val_loss"] == trained[1]["val_loss"]
 
 
 def test_weight_decay_skips_only_norm_gains(tiny_args):
