@@ -59,23 +59,43 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(e, path, "checkpoint") from None
+    f = _WriteErrors(os.fdopen(fd, "wb"))
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f.file:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.file.flush()
+            os.fsync(f.file.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and write_error(e, path, "checkpoint") is not e:
-            raise write_error(e, path, "checkpoint") from None
+        cause = f.error or e  # torch.save reports a failed write as a RuntimeError ("unexpected pos")
+        if isinstance(cause, OSError) and write_error(cause, path, "checkpoint") is not cause:
+            raise write_error(cause, path, "checkpoint") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write (a full disk): torch's zip
+    writer turns it into a ``RuntimeError`` that no longer says why."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
