@@ -25,6 +25,9 @@ FAST = ["model=tiny", "data=standin", "data.seq_len=32", "data.batch_size=4", "t
         "trainer.val_check_interval=100", "scheduler.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=100"]
 
 
+SMALL = ["data.vocab_size=512", "model.vocab_size=512"]  # small checkpoints, for tests that write many
+
+
 def compose_run(tmp: Path, *overrides: str, name: str = "test"):
     base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -79,6 +82,8 @@ def test_multirun_runs_share_one_wandb_group(tmp_path):
     assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
     assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
     assert (tmp_path / "runs" / "sweep1" / "hash-s0" / "checkpoints" / "last.ckpt").is_file()
+    overrides = (tmp_path / "runs" / "sweep1" / "hash-s0" / ".hydra" / "overrides.yaml").read_text()
+    assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
 
 
 def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):
@@ -195,6 +200,7 @@ def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_is_exact(trained
     want = torch.load(ref_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     got = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.equal(got[k], want[k]) for k in want)
+    assert csv_losses(tmp_path) == csv_losses(ref_dir)
 
 
 def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
@@ -204,7 +210,7 @@ def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
     # without weight decay the weights reach ~1e5 within 3 steps, then the gradients overflow
     with pytest.raises(FloatingPointError, match=r"NaN/inf (gradient|loss) at step (\d+) .*largest \|weight\| now"):
         run(compose_run(tmp_path, "optimizer.lr=1e6", "optimizer.weight_decay=0", "trainer.max_steps=8",
-                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1"))
+                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1", *SMALL))
     ckpts = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/*")}
     assert "last.ckpt" in ckpts and len(ckpts) >= 2
     assert all(not checkpoint_nonfinite(c) for c in ckpts.values())

@@ -43,9 +43,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             exit_code = 130  # the shell's code for SIGINT
             print(f"{stop}; resume with:\n  {resume_command(r.run_dir)}", file=sys.stderr, flush=True)
             raise
-        except FloatingPointError as e:  # the NaN guard: nothing of the bad step was written
-            print(f"{e}\n  {resume_command(r.run_dir, 'resume_allow_changes=[optimizer.lr]', 'optimizer.lr=<lower>')}",
-                  file=sys.stderr, flush=True)
+        except FloatingPointError:  # the NaN guard: nothing of the bad step was written
+            cmd = resume_command(r.run_dir, "resume_allow_changes=[optimizer.lr]", "optimizer.lr=<lower>")
+            print(f"NaN/inf: resume from the last good checkpoint with a lower LR:\n  {cmd}", file=sys.stderr)
             raise
         if r.lit.last_val_step != r.trainer.global_step:  # final validation, unless fit just ran it
             r.trainer.validate(r.lit, datamodule=r.datamodule, verbose=False)
