@@ -195,7 +195,7 @@ def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
 
 def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     """topk and hash_distilled, 1 seed: train topk, distil its table, train on the table, report; then regenerate
-    the report from the results folder alone, without the runs."""
+    the report and the per-run figures from the results folder alone, without the runs."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: threads only add contention on a busy 2-core machine
     # the sweep (run here: it trains and distils in subprocesses) and the report, in this process to save
     # interpreter starts; the slow test below runs sweep.py as a command, report included
@@ -222,10 +222,18 @@ def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     before = md
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "results" / "report.md").unlink()
-    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only"])
+    assert not (tmp_path / "results" / "missing.json").exists()  # written only when runs are missing
+    figures = {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")}
+    assert sorted(figures) == ["load_heatmap.png", "load_per_domain.png", "repeat_rates.png"]
+    for name in figures:
+        (tmp_path / "results" / "runs" / "topk-s0" / name).unlink()
+    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only",
+                             "--run-plots"])
     assert rc == 0
     after = (tmp_path / "results" / "report.md").read_text()
     assert after.split("## Commands")[0] == before.split("## Commands")[0]
+    # the per-run figures (not kept in git) come back from metrics.json as moe-analyze drew them
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")} == figures
 
 
 @pytest.mark.slow
