@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from moe_variants.build import build_model, check_config, make_resources
 
-# study/ and arm/ are global-package selectors (+study=..., arm=...): composed and built in test_router_study.py
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "study", "arm"))
+# a study's own groups (experiments/<study>/conf/) are composed and built by that study's tests
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 ALL_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 

@@ -24,7 +24,7 @@ STUDY = REPO_ROOT / "experiments" / "router_study"
 sys.path.insert(0, str(STUDY))
 import analyze as study_analyze  # noqa: E402
 import sweep as study_sweep  # noqa: E402
-from _study import ARMS  # noqa: E402
+from _study import ARMS, STUDY_CONF_DIR, study_overrides  # noqa: E402
 
 ARGS = ModelArgs(**AUDIT_ARGS)
 
@@ -102,14 +102,18 @@ def _compose(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+def _study(study: str, *overrides: str):
+    return _compose(*study_overrides(study, list(overrides)))
+
+
 @pytest.mark.parametrize("arm", ARMS)
 def test_study_configs_compose_for_every_arm(arm):
-    assert sorted(p.stem for p in (CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
-    gpu = _compose("+study=router_study", f"arm={arm}", "seed=2")
+    assert sorted(p.stem for p in (STUDY_CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
+    gpu = _study("router_study", f"arm={arm}", "seed=2")
     assert (gpu.experiment, gpu.model.dim, gpu.trainer.accelerator, gpu.experts.impl, gpu.compile) == \
         ("router_study", 512, "gpu", "grouped", True)
     assert gpu.hydra.runtime.choices.arm == arm
-    smoke = _compose("+study=router_study_smoke", f"arm={arm}")
+    smoke = _study("router_study_smoke", f"arm={arm}")
     assert (smoke.experiment, smoke.model.dim, smoke.trainer.accelerator, smoke.compile) == \
         ("router_study_smoke", 64, "cpu", False)
     router = {"topk": "topk.TopKRouter", "span_head": "span.SpanRouter", "span_vocab": "span.SpanRouter"}
@@ -126,8 +130,9 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
 
     root = tmp_path / "runs"
     (root / "distilled_hash").mkdir(parents=True)
-    cfg = _compose(f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "+study=router_study_smoke", f"arm={arm}",
-                   "data=standin", f"study_root={root}")
+    # the test-only data config joins the study's folder on the search path
+    cfg = _study("router_study_smoke", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"arm={arm}", "data=standin",
+                 f"study_root={root}")
     write_table(root / "distilled_hash" / "topk-s0.pt", cfg.model.n_layers, cfg.model.vocab_size,
                 cfg.model.num_experts_per_tok, cfg.model.num_experts)
     dm = StandinDataModule(seq_len=16, batch_size=2)
@@ -135,6 +140,14 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
     model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
     out = model(torch.randint(0, 300, (2, 16)))
     assert len(out.routing) == cfg.model.n_layers == 2 and model.causal
+
+
+def test_study_configs_live_with_the_study():
+    """moe-train's conf/ has no study or arm group: without the study's folder on the search path, the arm cannot
+    be chosen."""
+    assert not (CONF_DIR / "study").exists() and not (CONF_DIR / "arm").exists()
+    with pytest.raises(Exception, match="Could not override 'arm'"):
+        _compose("+study=router_study", "arm=topk")
 
 
 def test_experiment_stays_a_plain_override():

@@ -475,13 +475,14 @@ def study_commands(study: str, root: Path, out: Path) -> list[str]:
     return [
         "# all runs, distillation and this report (skips finished runs, resumes unfinished ones)",
         f"python experiments/router_study/sweep.py --study {study}",
-        "# or step by step:",
-        *[f"moe-train -m +study={study} arm={a} seed=0,1,2 ckpt_path=last" for a in ARMS[:-1]],
+        "# or step by step (the study's configs are in experiments/router_study/conf/, not in moe-train's conf/):",
+        f"STUDY=('hydra.searchpath=[file://experiments/router_study/conf]' +study={study})",
+        *[f'moe-train -m "${{STUDY[@]}}" arm={a} seed=0,1,2 ckpt_path=last' for a in ARMS[:-1]],
         f"python experiments/router_study/distill_hash.py --study {study} --seeds 0,1,2",
-        f"moe-train -m +study={study} arm=hash_distilled seed=0,1,2 ckpt_path=last",
+        'moe-train -m "${STUDY[@]}" arm=hash_distilled seed=0,1,2 ckpt_path=last',
         f"python experiments/router_study/analyze.py --study {study} --study-root {rel(root)} --out {rel(out)}",
-        "# regenerate this report from the results folder alone (no checkpoints needed):",
-        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only",
+        "# regenerate this report (and each run's figures) from the results folder alone (no checkpoints needed):",
+        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only --run-plots",
     ]
 
 
