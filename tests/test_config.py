@@ -60,7 +60,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path):
         for sub in (cfg.get(key) or {}).values():
             instantiate(sub)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on the device machine
+        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on a GPU machine
     trainer_cfg = OmegaConf.to_container(cfg.trainer)
     trainer_cfg.update(accelerator="cpu", precision="32-true", enable_progress_bar=False, logger=False)
     instantiate(trainer_cfg)

@@ -261,7 +261,7 @@ def test_smoke_study_every_arm_two_seeds(tmp_path, corpus, monkeypatch):
 
 def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Curves logged to an offline W&B run come back step by step (the study report's learning curves), across
-    sittings of one run, including rows larger than a 32 KiB block (records split over blocks)."""
+    resumes of one run, including rows larger than a 32 KiB block (records split over blocks)."""
     import wandb
     from wandb_history import read_history
 
@@ -269,13 +269,13 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("WANDB_SILENT", "true")
     big = {f"pad/{i}": float(i) for i in range(3000)}  # a row of ~60 KB
     logged = {}
-    for sitting, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
+    for start, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
         run = wandb.init(project="t", dir=str(tmp_path), mode="offline")
         for step in steps:
-            loss = 10.0 - step / 10 + sitting
+            loss = 10.0 - step / 10 + start
             run.log({"train/loss": loss, "trainer/global_step": step, **big})
             logged[step] = loss
-        run.log({"val/loss": 5.0 + sitting, "trainer/global_step": steps[-1]})
+        run.log({"val/loss": 5.0 + start, "trainer/global_step": steps[-1]})
         run.finish()
     history = read_history(tmp_path)
     assert history["train/loss"] == sorted(logged.items())
