@@ -8,10 +8,12 @@ per arm, written to ``results/<study>/``.
 Per run (``results/<study>/runs/<arm>-s<seed>/``): the moe-analyze files (table5, plots, tokens.html,
 metrics.json) over each domain's validation windows, a copy of the run's report.json, ``run.json`` (what the
 study report reads) and, when the run logged to offline W&B, ``history.json`` (its loss curves). A run whose
-checkpoint did not change since its run.json is not analysed again. Git keeps table5 and metrics.json of each run:
-``--run-plots`` redraws its plots from metrics.json; ``moe-analyze`` on its checkpoint writes tokens.html. Study files: ``report.md`` (tables and the
+checkpoint did not change since its run.json is not analysed again. Study files: ``report.md`` (tables and the
 answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run), ``val_loss_per_domain.png``,
 ``learning_curves.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
+
+Git keeps each run's table5 and metrics.json, not its figures: ``--run-plots`` redraws the plots from
+metrics.json, and ``moe-analyze`` on the run's checkpoint writes tokens.html.
 
 The rule: a difference between two arms is called a difference only when |mean_a - mean_b| > std_a + std_b
 (sample std over seeds) and both arms have at least 2 seeds. Anything else is reported as within the seed spread.
