@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from moe_variants.training.build import build_model, check_config, make_resources
 
-# study/ and arm/ are global-package selectors (+study=..., arm=...): composed and built in test_router_study.py
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "study", "arm"))
+# a study's own groups (experiments/<study>/conf/) are composed and built by that study's tests
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 ALL_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
@@ -60,7 +60,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path):
         for sub in (cfg.get(key) or {}).values():
             instantiate(sub)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on the device machine
+        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on a GPU machine
     trainer_cfg = OmegaConf.to_container(cfg.trainer)
     trainer_cfg.update(accelerator="cpu", precision="32-true", enable_progress_bar=False, logger=False)
     instantiate(trainer_cfg)

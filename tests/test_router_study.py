@@ -24,7 +24,7 @@ STUDY = REPO_ROOT / "experiments" / "router_study"
 sys.path.insert(0, str(STUDY))
 import analyze as study_analyze  # noqa: E402
 import sweep as study_sweep  # noqa: E402
-from _study import ARMS  # noqa: E402
+from _study import ARMS, STUDY_CONF_DIR, study_overrides  # noqa: E402
 
 ARGS = ModelArgs(**AUDIT_ARGS)
 
@@ -102,14 +102,18 @@ def _compose(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+def _study(study: str, *overrides: str):
+    return _compose(*study_overrides(study, list(overrides)))
+
+
 @pytest.mark.parametrize("arm", ARMS)
 def test_study_configs_compose_for_every_arm(arm):
-    assert sorted(p.stem for p in (CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
-    gpu = _compose("+study=router_study", f"arm={arm}", "seed=2")
+    assert sorted(p.stem for p in (STUDY_CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
+    gpu = _study("router_study", f"arm={arm}", "seed=2")
     assert (gpu.experiment, gpu.model.dim, gpu.trainer.accelerator, gpu.experts.impl, gpu.compile) == \
         ("router_study", 512, "gpu", "grouped", True)
     assert gpu.hydra.runtime.choices.arm == arm
-    smoke = _compose("+study=router_study_smoke", f"arm={arm}")
+    smoke = _study("router_study_smoke", f"arm={arm}")
     assert (smoke.experiment, smoke.model.dim, smoke.trainer.accelerator, smoke.compile) == \
         ("router_study_smoke", 64, "cpu", False)
     router = {"topk": "topk.TopKRouter", "span_head": "span.SpanRouter", "span_vocab": "span.SpanRouter"}
@@ -126,8 +130,9 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
 
     root = tmp_path / "runs"
     (root / "distilled_hash").mkdir(parents=True)
-    cfg = _compose(f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "+study=router_study_smoke", f"arm={arm}",
-                   "data=standin", f"study_root={root}")
+    # the test-only data config joins the study's folder on the search path
+    cfg = _study("router_study_smoke", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"arm={arm}", "data=standin",
+                 f"study_root={root}")
     write_table(root / "distilled_hash" / "topk-s0.pt", cfg.model.n_layers, cfg.model.vocab_size,
                 cfg.model.num_experts_per_tok, cfg.model.num_experts)
     dm = StandinDataModule(seq_len=16, batch_size=2)
@@ -135,6 +140,14 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
     model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
     out = model(torch.randint(0, 300, (2, 16)))
     assert len(out.routing) == cfg.model.n_layers == 2 and model.causal
+
+
+def test_study_configs_live_with_the_study():
+    """moe-train's conf/ has no study or arm group: without the study's folder on the search path, the arm cannot
+    be chosen."""
+    assert not (CONF_DIR / "study").exists() and not (CONF_DIR / "arm").exists()
+    with pytest.raises(Exception, match="Could not override 'arm'"):
+        _compose("+study=router_study", "arm=topk")
 
 
 def test_experiment_stays_a_plain_override():
@@ -195,7 +208,7 @@ def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
 
 def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     """topk and hash_distilled, 1 seed: train topk, distil its table, train on the table, report; then regenerate
-    the report from the results folder alone, without the runs."""
+    the report and the per-run figures from the results folder alone, without the runs."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: threads only add contention on a busy 2-core machine
     # the sweep (run here: it trains and distils in subprocesses) and the report, in this process to save
     # interpreter starts; the slow test below runs sweep.py as a command, report included
@@ -222,10 +235,18 @@ def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     before = md
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "results" / "report.md").unlink()
-    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only"])
+    assert not (tmp_path / "results" / "missing.json").exists()  # written only when runs are missing
+    figures = {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")}
+    assert sorted(figures) == ["load_heatmap.png", "load_per_domain.png", "repeat_rates.png"]
+    for name in figures:
+        (tmp_path / "results" / "runs" / "topk-s0" / name).unlink()
+    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only",
+                             "--run-plots"])
     assert rc == 0
     after = (tmp_path / "results" / "report.md").read_text()
     assert after.split("## Commands")[0] == before.split("## Commands")[0]
+    # the per-run figures (not kept in git) come back from metrics.json as moe-analyze drew them
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")} == figures
 
 
 @pytest.mark.slow
@@ -240,7 +261,7 @@ def test_smoke_study_every_arm_two_seeds(tmp_path, corpus, monkeypatch):
 
 def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Curves logged to an offline W&B run come back step by step (the study report's learning curves), across
-    sittings of one run, including rows larger than a 32 KiB block (records split over blocks)."""
+    resumes of one run, including rows larger than a 32 KiB block (records split over blocks)."""
     import wandb
     from wandb_history import read_history
 
@@ -248,13 +269,13 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("WANDB_SILENT", "true")
     big = {f"pad/{i}": float(i) for i in range(3000)}  # a row of ~60 KB
     logged = {}
-    for sitting, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
+    for start, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
         run = wandb.init(project="t", dir=str(tmp_path), mode="offline")
         for step in steps:
-            loss = 10.0 - step / 10 + sitting
+            loss = 10.0 - step / 10 + start
             run.log({"train/loss": loss, "trainer/global_step": step, **big})
             logged[step] = loss
-        run.log({"val/loss": 5.0 + sitting, "trainer/global_step": steps[-1]})
+        run.log({"val/loss": 5.0 + start, "trainer/global_step": steps[-1]})
         run.finish()
     history = read_history(tmp_path)
     assert history["train/loss"] == sorted(logged.items())

@@ -32,7 +32,7 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
         return compose("config", overrides=[*base, *overrides])
 
 
-# -- reading W&B offline runs back (LevelDB-log framing of protobuf Records, ENVIRONMENT.md §2) ----------------
+# -- reading W&B offline runs back (a .wandb file: LevelDB-log framing of protobuf Records) -----------------
 def wandb_records(path: Path, block: int = 32768):
     from wandb.proto import wandb_internal_pb2 as pb
 

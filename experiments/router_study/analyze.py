@@ -3,6 +3,7 @@ per arm, written to ``results/<study>/``.
 
     python experiments/router_study/analyze.py --study router_study          # runs/router_study -> results/router_study
     python experiments/router_study/analyze.py --study router_study --report-only   # from results/router_study alone
+    python experiments/router_study/analyze.py --study router_study --report-only --run-plots  # + per-run figures
 
 Per run (``results/<study>/runs/<arm>-s<seed>/``): the moe-analyze files (table5, plots, tokens.html,
 metrics.json) over each domain's validation windows, a copy of the run's report.json, ``run.json`` (what the
@@ -10,6 +11,9 @@ study report reads) and, when the run logged to offline W&B, ``history.json`` (i
 checkpoint did not change since its run.json is not analysed again. Study files: ``report.md`` (tables and the
 answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run), ``val_loss_per_domain.png``,
 ``learning_curves.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
+
+Git keeps each run's table5 and metrics.json, not its figures: ``--run-plots`` redraws the plots from
+metrics.json, and ``moe-analyze`` on the run's checkpoint writes tokens.html.
 
 The rule: a difference between two arms is called a difference only when |mean_a - mean_b| > std_a + std_b
 (sample std over seeds) and both arms have at least 2 seeds. Anything else is reported as within the seed spread.
@@ -168,6 +172,25 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
         record["analysis_seconds"] = time.perf_counter() - t0
     cached.write_text(json.dumps(record, indent=2, default=str))
     return record
+
+
+def run_plots(out: Path) -> list[Path]:
+    """Redraw moe-analyze's figures of every ``out/runs/<name>/`` (load per domain, load heatmap, repeat rates)
+    from its ``metrics.json``, as ``analyse_run`` drew them: git keeps the numbers, not the 3 MB of pictures."""
+    from moe_variants.analysis import plot_load_heatmap, plot_load_per_domain, plot_repeat_rates
+
+    done = []
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        layers, domains, rdir = m["layers"], m["domains"], path.parent
+        view = sorted({0, len(layers) // 2, len(layers) - 1})  # the layers analyse_run shows
+        plot_load_per_domain({i: [layers[i]["expert_load_per_domain"][d] for d in domains] for i in view}, domains,
+                             rdir / "load_per_domain.png")
+        plot_load_heatmap([p["expert_load"] for p in layers], rdir / "load_heatmap.png")
+        plot_repeat_rates({k: {d: [p[f"repeat_{k}_per_domain"][d] for p in layers] for d in domains}
+                           for k in ("first", "any")}, m["baselines"], rdir / "repeat_rates.png")
+        done.append(rdir)
+    return done
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
@@ -454,13 +477,14 @@ def study_commands(study: str, root: Path, out: Path) -> list[str]:
     return [
         "# all runs, distillation and this report (skips finished runs, resumes unfinished ones)",
         f"python experiments/router_study/sweep.py --study {study}",
-        "# or step by step:",
-        *[f"moe-train -m +study={study} arm={a} seed=0,1,2 ckpt_path=last" for a in ARMS[:-1]],
+        "# or step by step (the study's configs are in experiments/router_study/conf/, not in moe-train's conf/):",
+        f"STUDY=('hydra.searchpath=[file://experiments/router_study/conf]' +study={study})",
+        *[f'moe-train -m "${{STUDY[@]}}" arm={a} seed=0,1,2 ckpt_path=last' for a in ARMS[:-1]],
         f"python experiments/router_study/distill_hash.py --study {study} --seeds 0,1,2",
-        f"moe-train -m +study={study} arm=hash_distilled seed=0,1,2 ckpt_path=last",
+        'moe-train -m "${STUDY[@]}" arm=hash_distilled seed=0,1,2 ckpt_path=last',
         f"python experiments/router_study/analyze.py --study {study} --study-root {rel(root)} --out {rel(out)}",
-        "# regenerate this report from the results folder alone (no checkpoints needed):",
-        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only",
+        "# regenerate this report (and each run's figures) from the results folder alone (no checkpoints needed):",
+        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only --run-plots",
     ]
 
 
@@ -481,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-root", type=Path, help="the runs (default: the study config's study_root)")
     p.add_argument("--out", type=Path, help="default: results/<study>")
     p.add_argument("--report-only", action="store_true", help="regenerate from <out>/runs/*/run.json alone")
+    p.add_argument("--run-plots", action="store_true",
+                   help="also redraw each run's moe-analyze figures from its metrics.json (they are not kept in git)")
     p.add_argument("--sequences-per-domain", type=int, default=32, help="validation windows per domain analysed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -506,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in sorted((root / "distilled_hash").glob("*.pt.json")):
             (out / "distilled_hash").mkdir(parents=True, exist_ok=True)
             shutil.copy(f, out / "distilled_hash" / f.name)
-        (out / "missing.json").write_text(json.dumps(missing))
+        if missing:  # kept only while some runs are missing, so that --report-only can name them
+            (out / "missing.json").write_text(json.dumps(missing))
+        else:
+            (out / "missing.json").unlink(missing_ok=True)
     elif (out / "missing.json").is_file():
         missing = json.loads((out / "missing.json").read_text())
     records = load_records(out)
@@ -516,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     distilled = {f.name: json.loads(f.read_text()) for f in sorted((out / "distilled_hash").glob("*.pt.json"))}
     write_report(records, out, a.study, root, missing, distilled)
     print(f"wrote {out}/report.md ({len(records)} runs)")
+    if a.run_plots:
+        print(f"redrew the figures of {len(run_plots(out))} runs under {out}/runs/")
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _study import ARMS, distilled_table_path, study_config  # noqa: E402
+from _study import ARMS, distilled_table_path, study_config, study_overrides  # noqa: E402
 
 
 @dataclass
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if j.kind == "distill":
             return [sys.executable, str(HERE / "distill_hash.py"), "--ckpt", str(root / f"topk-s{j.seed}"), "--out",
                     str(distilled_table_path(root, j.seed)), "--windows", str(a.distill_windows), *data_args]
-        return [sys.executable, "-m", "moe_variants.training.run", f"+study={a.study}", f"arm={j.arm}",
-                f"seed={j.seed}", "ckpt_path=last", *overrides]
+        return [sys.executable, "-m", "moe_variants.training.run",
+                *study_overrides(a.study, [f"arm={j.arm}", f"seed={j.seed}", "ckpt_path=last", *overrides])]
 
     running: dict[int, tuple[subprocess.Popen, Job, float]] = {}
     failed: list[str] = []

@@ -64,11 +64,11 @@ def history_rows(path: Path) -> list[dict[str, object]]:
 def read_history(
     run_dir: Path, keys: tuple[str, ...] = ("train/loss", "val/loss")
 ) -> dict[str, list[tuple[int, float]]]:
-    """``{key: [(step, value), ...]}`` over every offline W&B sitting of a run (a resumed run has several; a later
-    sitting's value wins for the same step). Empty when the run has no offline W&B files."""
+    """``{key: [(step, value), ...]}`` over every offline W&B folder of a run (one per start or resume; a later
+    folder's value wins for the same step). Empty when the run has no offline W&B files."""
     series: dict[str, dict[int, float]] = {k: {} for k in keys}
-    sittings = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
-    for path in sittings:  # in the order they ended (folder names order by start second only)
+    parts = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    for path in parts:  # in the order they ended (folder names order by start second only)
         for row in history_rows(path):
             step = row.get(STEP_KEY)
             for k in keys:

@@ -1,6 +1,6 @@
 """Text sources for the embedded corpus: one small function per source, each returning a :class:`SourceText`.
 
-Every source is real text shipped in a Debian package or a PyPI distribution (see ENVIRONMENT.md §5); nothing is
+Every source is real text shipped in a Debian package or a PyPI distribution; nothing is
 read from the HF hub. A function raises :class:`SourceMissing` when its input is absent (deb not downloaded,
 wheel not downloadable); the builder then warns and carries on with the other sources.
 """

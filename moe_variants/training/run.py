@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config; returns the report (also written to the run dir)."""
-    # lightning 2.6 on torch 2.13 warns on every fit (ENVIRONMENT.md §1); nothing to act on
+    # lightning 2.6's pytree helper trips torch 2.13's LeafSpec deprecation on every fit; nothing to act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     # the data module resumes its stream from trainer.global_step itself (its documented contract)
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
