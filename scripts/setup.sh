@@ -66,22 +66,27 @@ diagnose() {
     fi
 }
 
-# run_step WHAT CMD...: run CMD with its output shown and kept; on failure, one line saying what to do, then exit.
+# run_step [--quiet] WHAT CMD...: run CMD with its output shown (with --quiet: shown only if it fails, last 40
+# lines) and kept; on failure, one line saying what failed and what to do, then exit non-zero.
 run_step() {
-    local what=$1 log rc
+    local quiet=0 what log rc why
+    [ "$1" = --quiet ] && quiet=1 && shift
+    what=$1
     shift
     log=$(mktemp 2>/dev/null) || log=/dev/null
     set +e
-    "$@" 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
-    set -e
-    if [ "$rc" -ne 0 ]; then
-        local why
-        why=$(diagnose "$log")
-        [ "$log" = /dev/null ] || rm -f "$log"
-        fail "$what failed: $why"
+    if ((quiet)); then
+        "$@" >"$log" 2>&1
+        rc=$?
+        ((rc == 0)) || tail -n 40 "$log" >&2
+    else
+        "$@" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
     fi
+    set -e
+    ((rc == 0)) || why=$(diagnose "$log")
     [ "$log" = /dev/null ] || rm -f "$log"
+    ((rc == 0)) || fail "$what failed: $why"
 }
 
 setup_venv() {
@@ -97,13 +102,14 @@ setup_venv() {
         [ "$("$VENV/bin/python" -c "import sys; print(sys.version)")" != "$pyver" ]; then
         [ -e "$VENV" ] && echo "setup: $VENV has no working python/pip of $PYTHON ($pyver): recreating it"
         rm -rf "$VENV"
-        run_step "creating $VENV with $PYTHON" "$PYTHON" -m venv "$VENV"
+        run_step --quiet "creating $VENV with $PYTHON" "$PYTHON" -m venv "$VENV"
     fi
     rm -f "$STAMP"
     echo "setup: installing $TORCH_SPEC and this package (editable, with test extras) into $VENV" \
          "(the first time: a few minutes)"
     PIP_ROOT_USER_ACTION=ignore "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    run_step "installing the Python packages (pip)" env PIP_ROOT_USER_ACTION=ignore \
+    # --quiet: pip's warnings (an index folder without the package, the editable-install notice) only on failure
+    run_step --quiet "installing the Python packages (pip)" env PIP_ROOT_USER_ACTION=ignore \
         "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -e ".[dev]"
     echo "$want" >"$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"  # only now: a killed install is redone next time
     echo "setup: $VENV ready"
