@@ -50,7 +50,7 @@ diagnose() {
     if grep -qiE "No space left on device|Errno 28|Disk quota exceeded" "$log" || [ "${free_mb:-1000}" -lt 100 ]; then
         echo "the disk is full (${free_mb:-?} MB free under $PWD; .venv takes ~1.5 GB with CPU torch, data/ ~0.4 GB):" \
              "free some space, then run the same command again"
-    elif grep -qiE "NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Read timed out|ConnectTimeout|ProxyError|Could not fetch URL" "$log"; then
+    elif grep -qiE "NewConnectionError|NameResolutionError|Failed to resolve|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Read timed out|ConnectTimeout|ProxyError|Could not fetch URL" "$log"; then
         echo "pip could not reach the package index (no network?): connect to PyPI, or point PIP_INDEX_URL /" \
              "PIP_FIND_LINKS at a local mirror, then run the same command again"
     elif grep -q "ensurepip" "$log"; then
@@ -106,7 +106,7 @@ setup_venv() {
     fi
     rm -f "$STAMP"
     echo "setup: installing $TORCH_SPEC and this package (editable, with test extras) into $VENV" \
-         "(the first time: a few minutes)"
+         "(a few minutes into an empty .venv)"
     PIP_ROOT_USER_ACTION=ignore "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # --quiet: pip's warnings (an index folder without the package, the editable-install notice) only on failure
     run_step --quiet "installing the Python packages (pip)" env PIP_ROOT_USER_ACTION=ignore \
