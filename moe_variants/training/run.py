@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
         if cfg.get("report", True) and r.trainer.is_global_zero:  # DDP: one report, from rank 0
             report = make_report(r, val, time.perf_counter() - t0)
-            print(write_report(report, r.run_dir))
+            print(write_report(report, r.run_dir) + f"- report: {r.run_dir / 'report.md'} (and report.json)")
     finally:
         if r.lock is not None:
             r.lock.unlink(missing_ok=True)
