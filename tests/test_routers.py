@@ -1,7 +1,9 @@
 """Router contract, look-ahead audit and router-specific behaviour, looped over every router config.
 
 Every ``conf/router/*.yaml`` (and the variants below) is built through Hydra's ``instantiate``, so a new
-router file + config is covered by the contract and audit tests with no new test code.
+router file + config is covered by the contract and audit tests with no new test code. A config that refuses to
+build without ``router.allow_lookahead=true`` is a look-ahead router: it must keep refusing, and the audit must
+fail it once allowed.
 """
 
 from __future__ import annotations
@@ -35,13 +37,28 @@ VARIANTS = {
     "span-fixed-routing_vocab": ("span", {"decision": "routing_vocab", "spans": "fixed", "span_len": 2}),
     "span-routing_vocab-per_token": ("span", {"decision": "routing_vocab", "hold": False}),
 }
-CAUSAL = [(name, {}) for name in ROUTER_CONFIGS] + list(VARIANTS.values())
-IDS = ROUTER_CONFIGS + list(VARIANTS)
 
 
 def router_factory(name: str, overrides: dict):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     return instantiate(OmegaConf.merge(cfg, overrides))
+
+
+def refuses_lookahead(name: str) -> bool:
+    spec = LayerSpec(dim=8, num_experts=4, top_k=2, vocab_size=16, n_layers=1, layer_idx=0)
+    try:
+        router_factory(name, {})(spec)
+    except ValueError as e:
+        if "allow_lookahead=true" in str(e):
+            return True
+        raise
+    return False
+
+
+LOOKAHEAD_CONFIGS = [name for name in ROUTER_CONFIGS if refuses_lookahead(name)]
+CAUSAL_CONFIGS = [name for name in ROUTER_CONFIGS if name not in LOOKAHEAD_CONFIGS]
+CAUSAL = [(name, {}) for name in CAUSAL_CONFIGS] + list(VARIANTS.values())
+IDS = CAUSAL_CONFIGS + list(VARIANTS)
 
 
 def build(name: str, overrides: dict, seed: int = 0, **kw) -> Transformer:
@@ -85,6 +102,15 @@ def test_lookahead_audit_fails_for_whole_word():
     assert not result.passed  # proves the audit can fail
     model = build("span", {"decision": "whole_word", "allow_lookahead": True})
     assert not model.causal
+
+
+@pytest.mark.parametrize("name", LOOKAHEAD_CONFIGS)
+def test_lookahead_router_configs_refuse_and_fail_the_audit(name):
+    with pytest.raises(ValueError, match="allow_lookahead=true"):
+        build(name, {})
+    result = audit_router(router_factory(name, {"allow_lookahead": True}), ModelArgs(**AUDIT_ARGS))
+    assert not result.passed
+    assert not build(name, {"allow_lookahead": True}).causal
 
 
 def test_whole_word_refuses_to_build_without_flag():

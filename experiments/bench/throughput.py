@@ -3,8 +3,11 @@
 One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step):
 HF eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts,
 chunked cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced
-routing. It prints tokens/s, model FLOP utilisation against a bf16 matmul ceiling measured in the same run,
-peak memory, and ratios against the best HF variant; it writes JSON + a markdown table.
+routing, and the causal variants of the router zoo: aux_free (DeepSeek-V3 sigmoid + selection bias), top-k with
+capacity dropping (capacity factor 1.0 and 1.25), and at the same active expert width fine-grained experts (4x as
+many, 4x narrower, top-4K) with and without 2 shared experts. It prints tokens/s, model FLOP utilisation against
+a bf16 matmul ceiling measured in the same run, peak memory, and ratios against the best HF variant; it writes JSON
++ a markdown table.
 
     python experiments/bench/throughput.py --config A            # on the GPU (results/bench/)
     python experiments/bench/throughput.py --smoke                # CPU-sized smoke run (no timing claims)
@@ -25,6 +28,7 @@ import torch
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
+from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.hash import HashRouter
 from moe_variants.routers.span import SpanRouter
 from moe_variants.routers.topk import TopKRouter
@@ -71,10 +75,17 @@ class BalancedRouter(Router):
         return RouterOutput(expert_ids=ids, weights=weights, logits=logits)
 
 
-def args_for(c: BenchConfig) -> ModelArgs:
-    return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                     hidden_dim=c.hidden_dim, vocab_size=c.vocab_size, num_experts=c.num_experts,
-                     num_experts_per_tok=c.top_k, max_seq_len=c.seq_len)
+def args_for(c: BenchConfig, **kw) -> ModelArgs:
+    base = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, hidden_dim=c.hidden_dim,
+                vocab_size=c.vocab_size, num_experts=c.num_experts, num_experts_per_tok=c.top_k, max_seq_len=c.seq_len)
+    return ModelArgs(**{**base, **kw})
+
+
+def fine_grained(c: BenchConfig, shared: int = 0) -> dict:
+    """4x the experts, each 4x narrower, top-4K (DeepSeekMoE segmentation): the same active expert width per
+    token, ``shared`` of it in always-active shared experts."""
+    return dict(num_experts=4 * c.num_experts, hidden_dim=c.hidden_dim // 4, num_experts_per_tok=4 * c.top_k - shared,
+                num_shared_experts=shared, shared_hidden_dim=c.hidden_dim // 4 if shared else None)
 
 
 def model_flops_per_token(c: BenchConfig) -> float:
@@ -122,8 +133,8 @@ def hf_model(c: BenchConfig, experts_impl: str):
     return model, loss_fn
 
 
-def our_model(c: BenchConfig, router) -> tuple[torch.nn.Module, callable]:
-    model = Transformer(args_for(c), router=router, experts="grouped" if torch.cuda.is_available() else "loop",
+def our_model(c: BenchConfig, router, **args) -> tuple[torch.nn.Module, callable]:
+    model = Transformer(args_for(c, **args), router=router, experts="grouped" if torch.cuda.is_available() else "loop",
                         word_start_table=torch.rand(c.vocab_size) < 0.4)
 
     def loss_fn(m, ids):
@@ -205,6 +216,12 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
         ("ours_span", lambda: our_model(c, partial(SpanRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
+        ("ours_aux_free", lambda: our_model(c, partial(AuxFreeRouter)), compile_),
+        ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.0), compile_),
+        ("ours_topk_capacity1.25", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.25), compile_),
+        ("ours_fine_grained", lambda: our_model(c, partial(TopKRouter), **fine_grained(c)), compile_),
+        ("ours_fine_grained_shared2", lambda: our_model(c, partial(TopKRouter), **fine_grained(c, shared=2)),
+         compile_),
     ]
     results = []
     for name, build, comp in plan:

@@ -47,6 +47,7 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
     """Run every domain's validation loader; keep per-layer expert ids, logits and the batch annotations."""
     keep: dict[str, list] = {k: [] for k in ("input_ids", "domain_ids", "span_start", "doc_start", "loss")}
     experts: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    dropped: list[list[torch.Tensor]] = [[] for _ in model.layers]
     entropy: list[list[float]] = [[] for _ in model.layers]
     for loader in loaders:
         for i, batch in enumerate(loader):
@@ -58,10 +59,13 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
             keep["loss"].append(torch.full((batch["input_ids"].shape[0],), float(out.lm_loss)))
             for layer, r in enumerate(out.routing):
                 experts[layer].append(r.expert_ids)
+                dropped[layer].append(torch.zeros_like(r.expert_ids, dtype=torch.bool) if r.dropped is None
+                                      else r.dropped)
                 if r.logits is not None:
                     entropy[layer].append(A.router_entropy(r.logits))
     data = {k: torch.cat(v) for k, v in keep.items()}
     data["expert_ids"] = [torch.cat(e) for e in experts]  # per layer (N, S, K)
+    data["dropped"] = [torch.cat(d) for d in dropped]  # per layer (N, S, K) bool: copies no expert computed
     data["entropy"] = [sum(e) / len(e) if e else None for e in entropy]
     return data
 
@@ -76,9 +80,13 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
     for layer, eids in enumerate(data["expert_ids"]):
         rates = A.repeat_rates_per_domain(eids, dom, D, doc_start=doc)
         overall = A.consecutive_repeat_rates(eids, doc_start=doc)
-        load_DE = A.expert_load_per_domain(eids, dom, E, D)
+        dropped = data["dropped"][layer]
+        # loads count the copies that experts computed (capacity drops and expert choice's unused slots excluded),
+        # read as one row of K = 1 choices
+        kept_ids, kept_dom = eids[~dropped].view(1, -1), dom.unsqueeze(-1).expand_as(eids)[~dropped].view(1, -1)
+        load_DE = A.expert_load_per_domain(kept_ids, kept_dom, E, D)
         loads[layer] = load_DE
-        load = A.expert_load(eids, E)
+        load = A.expert_load(kept_ids, E)
         per_layer.append({
             "layer": layer,
             "repeat_first": overall["first"], "repeat_any": overall["any"],
@@ -92,6 +100,8 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
             "token_id_predictability": A.token_id_predictability(eids, ids),
             "span_coherence": A.span_coherence(eids, spans, doc_start=doc),
             "router_entropy": data["entropy"][layer],
+            "drop_rate": float(dropped.float().mean()),  # share of the K slots no expert computed
+            "unrouted": float(dropped.all(-1).float().mean()),  # share of tokens no expert computed
         })
     baselines = A.random_repeat_baselines(E, K)
     loss_per_domain = {d: float(data["loss"][(dom[:, 0] == i)].mean()) for i, d in enumerate(domains)

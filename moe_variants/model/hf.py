@@ -170,8 +170,16 @@ def save_hf(model: Transformer, path: str | Path) -> None:
     """Write ``model`` as a directory that ``transformers.MixtralForCausalLM.from_pretrained`` loads.
 
     Only Mixtral's own learned top-k gate can be expressed in HF's format; hash, span and other routers
-    (and their tables) cannot, so such a model refuses to export.
+    (and their tables), other score functions, selection biases, shared experts and capacity dropping cannot, so
+    such a model refuses to export.
     """
+    args = model.args
+    if args.num_shared_experts or args.capacity_factor is not None:
+        raise ValueError(
+            f"cannot export to HF Mixtral format: the model has num_shared_experts={args.num_shared_experts} and "
+            f"capacity_factor={args.capacity_factor}, which Mixtral cannot express (it has no shared experts and "
+            f"never drops tokens); export only a model with num_shared_experts=0 and capacity_factor=null"
+        )
     bad = {type(r).__name__ for r in model.routers if not r.hf_exportable}
     if bad or any(getattr(r, "jitter_eps", 0.0) for r in model.routers):
         raise ValueError(

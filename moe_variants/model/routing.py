@@ -32,12 +32,16 @@ class RouterOutput:
         weights: (B, S, K) float32 combine weights.
         logits: (B, S, E) float32 router logits, when the router has them (None for fixed routers).
         aux_losses: unweighted auxiliary losses by name (scalars); coefficients live in config.
+        dropped: (B, S, K) bool, True for copies that no expert computes (they add 0 to the token's output):
+            slots a variable-K router leaves unused (expert choice; their ids are distinct fillers, weight 0)
+            and copies over their expert's capacity (set by the MoE layer). None: every copy is computed.
     """
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
     logits: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped: torch.Tensor | None = None
 
 
 class RoutingContext:

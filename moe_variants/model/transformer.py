@@ -18,7 +18,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_variants.model.args import ModelArgs
-from moe_variants.model.experts import Experts, LocalDispatcher, compute_dtype, make_experts
+from moe_variants.model.experts import (
+    Experts,
+    LocalDispatcher,
+    SharedExperts,
+    compute_dtype,
+    make_experts,
+    over_capacity,
+)
 from moe_variants.model.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
 
 
@@ -105,23 +112,40 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Route, dispatch, run experts, combine. The router is injected; this layer never knows which one."""
+    """Route, dispatch, run experts, combine. The router is injected; this layer never knows which one.
+
+    With ``args.capacity_factor`` the copies over an expert's capacity are dropped (``experts.over_capacity``) and
+    marked in ``RouterOutput.dropped``; with ``args.num_shared_experts`` every token also goes through the shared
+    experts, added with weight 1.
+    """
 
     def __init__(self, args: ModelArgs, router: Router, experts: str) -> None:
         super().__init__()
         self.router = router
         self.experts = make_experts(experts, dim=args.dim, hidden_dim=args.hidden_dim, num_experts=args.num_experts)
         self.dispatcher = LocalDispatcher(args.num_experts)
+        self.num_experts = args.num_experts  # all of them (under expert parallelism ``experts`` holds a shard)
+        self.capacity_factor = args.capacity_factor
+        self.shared_experts = None
+        if args.num_shared_experts:
+            self.shared_experts = SharedExperts(dim=args.dim, hidden_dim=args.shared_hidden_dim or args.hidden_dim,
+                                                num_experts=args.num_shared_experts)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, RouterOutput]:
         B, S, D = x.shape
         routing = self.router(x, ctx)
+        if self.capacity_factor is not None:
+            over = over_capacity(routing.expert_ids, self.num_experts, self.capacity_factor, routing.dropped)
+            routing.dropped = over if routing.dropped is None else routing.dropped | over
         K = routing.expert_ids.shape[-1]
         x_TD = x.reshape(B * S, D)
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: cast once, before the copies are made and moved
-        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K))
+        keep = None if routing.dropped is None else ~routing.dropped.reshape(B * S, K)
+        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K), keep_TK=keep)
         y = self.experts(d.x, d.tokens_per_expert)
         out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_TD)
         return out.view(B, S, D), routing
 
 

@@ -27,7 +27,9 @@ from moe_variants import paths
 from moe_variants.model.args import ModelArgs
 from moe_variants.model.transformer import Transformer
 from moe_variants.parallel.expert_parallel import local_expert_range
+from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.resources import RoutingResources
+from moe_variants.training.callbacks import BiasBalancing
 from moe_variants.training.checkpoint import (
     CONFIG_KEY,
     MODEL_SECTIONS,
@@ -158,6 +160,17 @@ def check_data(args: ModelArgs, datamodule: Any) -> None:
         raise ValueError(
             f"the tokenizer has {vocab} tokens but model.vocab_size={args.vocab_size}: set "
             f"model.vocab_size={vocab} or pick the matching data.tokenizer"
+        )
+
+
+def check_bias_balancing(model: Transformer, callbacks: list[Any]) -> None:
+    """Auxiliary-loss-free routers learn their bias only through the ``BiasBalancing`` callback: refuse to train
+    them without it (the bias would silently stay 0)."""
+    if any(isinstance(r, AuxFreeRouter) for r in model.routers) and not any(
+            isinstance(c, BiasBalancing) for c in callbacks):
+        raise ValueError(
+            "router AuxFreeRouter updates its bias through the BiasBalancing callback, which this run lacks: add "
+            "callbacks.bias_balancing (conf/callbacks/default.yaml has it)"
         )
 
 
@@ -332,6 +345,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
+    check_bias_balancing(model, trainer.callbacks)
     lit = LitMoE(
         model,
         optimizer=instantiate(cfg.optimizer),

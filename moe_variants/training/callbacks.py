@@ -1,7 +1,7 @@
-"""Training callbacks: live routing metrics and throughput.
+"""Training callbacks: live routing metrics, throughput, and the bias update of auxiliary-loss-free balancing.
 
-``RoutingMetrics`` reads the routing decisions that ``LitMoE.training_step`` returns for its own step (no hooks,
-no global state) and computes the metrics with the pure functions of ``moe_variants.analysis``.
+``RoutingMetrics`` and ``BiasBalancing`` read the routing decisions that ``LitMoE.training_step`` returns for its own
+step (no hooks, no global state); the metrics are the pure functions of ``moe_variants.analysis``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ import lightning as L
 import torch
 
 from moe_variants.analysis.metrics import consecutive_repeat_rates, expert_load, router_entropy
+from moe_variants.model.experts import expert_counts
+from moe_variants.routers.aux_free import AuxFreeRouter
 
 
 class RoutingMetrics(L.Callback):
     """Every ``every_n_steps`` optimizer steps, log per MoE layer ``i`` under ``routing/layer{i}/``:
     ``load_max``, ``load_min``, ``max_over_mean`` (1 = balanced), ``load/e{j}`` (share of assignments),
     ``entropy`` (nats, router softmax; learned routers only), ``aux/<name>`` (unweighted aux losses) and
-    ``repeat_first`` (first-choice consecutive-repeat rate, Mixtral Table 5); layer means as ``routing/<metric>``."""
+    ``repeat_first`` (first-choice consecutive-repeat rate, Mixtral Table 5); layer means as ``routing/<metric>``.
+    Loads count the copies that experts compute; where some are not (``RouterOutput.dropped``: capacity, or expert
+    choice's unused slots) also ``drop_rate`` (share of the K slots not computed) and ``unrouted`` (share of tokens
+    with no expert at all)."""
 
     def __init__(self, every_n_steps: int = 50, per_expert: bool = True) -> None:
         self.every_n_steps = max(1, int(every_n_steps))
@@ -39,13 +44,19 @@ class RoutingMetrics(L.Callback):
     @staticmethod
     def compute(routing: list[dict[str, Any]], num_experts: int, doc_start: torch.Tensor | None = None
                 ) -> dict[str, float]:
-        """``routing``: per layer ``{"expert_ids": (B, S, K), "logits": (B, S, E) | None, "aux": {name: scalar}}``."""
+        """``routing``: per layer ``{"expert_ids": (B, S, K), "logits": (B, S, E) | None, "aux": {name: scalar},
+        "dropped": (B, S, K) bool | None}``."""
         metrics: dict[str, float] = {}
         means: dict[str, list[float]] = {}
         doc_start = None if doc_start is None else doc_start.cpu()
         for i, layer_out in enumerate(routing):
             expert_ids, logits = layer_out["expert_ids"].cpu(), layer_out.get("logits")
-            load = expert_load(expert_ids, num_experts)
+            dropped = layer_out.get("dropped")
+            if dropped is None:
+                load = expert_load(expert_ids, num_experts)
+            else:  # the computed copies only, read as one row of K = 1 choices
+                dropped = dropped.cpu()
+                load = expert_load(expert_ids[~dropped].view(1, -1), num_experts)
             layer = {
                 "load_max": float(load.max()),
                 "load_min": float(load.min()),
@@ -54,6 +65,9 @@ class RoutingMetrics(L.Callback):
             }
             if logits is not None:
                 layer["entropy"] = router_entropy(logits.cpu())
+            if dropped is not None:
+                layer["drop_rate"] = float(dropped.float().mean())
+                layer["unrouted"] = float(dropped.all(-1).float().mean())
             layer.update({f"aux/{k}": float(v) for k, v in layer_out.get("aux", {}).items()})
             for name, value in layer.items():
                 metrics[f"routing/layer{i}/{name}"] = value
@@ -98,3 +112,55 @@ class Throughput(L.Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds else math.nan
+
+
+class BiasBalancing(L.Callback):
+    """Auxiliary-loss-free balancing (``routers.aux_free``): once per optimizer step, each ``AuxFreeRouter`` gets
+    ``update_bias(counts)`` with its layer's assignment counts summed over every micro-batch of the step (gradient
+    accumulation) and every rank (so replicated routers stay identical). Every ``every_n_steps`` steps it logs per
+    layer ``routing/layer{i}/bias_min``, ``bias_max``, ``bias_std`` and their layer means ``routing/bias_*``. Does
+    nothing for models without such routers."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._counts: dict[int, torch.Tensor] = {}  # layer -> (E,) assignments since the last optimizer step
+        self._step_at_batch_start = 0
+
+    @staticmethod
+    def routers(pl_module: L.LightningModule) -> dict[int, AuxFreeRouter]:
+        return {i: r for i, r in enumerate(pl_module.model.routers) if isinstance(r, AuxFreeRouter)}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        routers = self.routers(pl_module)
+        if not routers:
+            return
+        if not isinstance(outputs, dict) or "routing" not in outputs:
+            raise ValueError("BiasBalancing needs the routing decisions in training_step's outputs (LitMoE's)")
+        for i, router in routers.items():
+            counts = expert_counts(outputs["routing"][i]["expert_ids"], router.num_experts)
+            self._counts[i] = counts if i not in self._counts else self._counts[i] + counts
+        if trainer.global_step == self._step_at_batch_start:
+            return  # accumulating gradients: no optimizer step in this batch yet
+        stacked = torch.stack([self._counts[i] for i in routers])
+        stacked = trainer.strategy.reduce(stacked, reduce_op="sum")  # every rank's tokens; identity on one device
+        for counts, router in zip(stacked, routers.values()):
+            router.update_bias(counts)
+        self._counts = {}
+        if (trainer.global_step - 1) % self.every_n_steps == 0:
+            pl_module.log_dict(self.bias_stats(routers), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def bias_stats(routers: dict[int, AuxFreeRouter]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for i, router in routers.items():
+            b = router.expert_bias.float()
+            for name, value in (("bias_min", b.min()), ("bias_max", b.max()), ("bias_std", b.std())):
+                metrics[f"routing/layer{i}/{name}"] = float(value)
+        for name in ("bias_min", "bias_max", "bias_std"):
+            metrics[f"routing/{name}"] = sum(metrics[f"routing/layer{i}/{name}"] for i in routers) / len(routers)
+        return metrics

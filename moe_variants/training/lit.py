@@ -71,7 +71,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         # for RoutingMetrics (this step only, detached: nothing keeps the graph alive)
         routing = [
             {"expert_ids": r.expert_ids.detach(), "logits": None if r.logits is None else r.logits.detach(),
-             "aux": {k: v.detach() for k, v in r.aux_losses.items()}}
+             "aux": {k: v.detach() for k, v in r.aux_losses.items()}, "dropped": r.dropped}
             for r in out.routing
         ]
         return {"loss": loss, "routing": routing, "doc_start": batch.get("doc_start")}
