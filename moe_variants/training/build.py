@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -251,7 +252,10 @@ def make_loggers(cfg: DictConfig, tags: list[str], run_dir: Path | None = None, 
 
 
 def make_callbacks(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def claim_run_dir(run_dir: Path) -> Path:
@@ -341,7 +345,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
     check_data(args, datamodule)
     resources = make_resources(datamodule)
 
-    L.seed_everything(cfg.seed, workers=True)  # model init independent of what data setup consumed
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # model init independent of what data setup consumed
     model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
     if cfg.get("compile"):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
