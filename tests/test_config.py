@@ -84,20 +84,56 @@ def test_hydra_launcher_configs_compose():
     assert slurm.gpus_per_node == 1 and slurm.timeout_min == 720
 
 
-def test_run_names_and_dirs_are_deterministic():
+def _hydra_names(*overrides: str) -> tuple[str, str, tuple[str, str], list[str]]:
+    """(name, run dir, (sweep dir, subdir), W&B tags of the overrides) of a config composed as ``moe-train`` does."""
     from hydra.core.hydra_config import HydraConfig
 
+    from moe_variants.training.build import swept_tags
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["router=hash", "seed=3", "experiment=e01", "data=standin",
-                                           f"hydra.searchpath=[file://{TEST_CONF_DIR}]"], return_hydra_config=True)
+        cfg = compose("config", overrides=[*overrides, f"hydra.searchpath=[file://{TEST_CONF_DIR}]"],
+                      return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        assert cfg.name == "hash-s3"
-        assert cfg.hydra.run.dir == "runs/e01/hash-s3"
-        assert (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) == ("runs/e01", "hash-s3")
-        assert cfg.logger.wandb.group == "e01" and cfg.logger.wandb.name == "hash-s3"
+        assert "wandb" not in cfg.logger or cfg.logger.wandb.name == cfg.name
+        return cfg.name, cfg.hydra.run.dir, (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir), swept_tags(cfg)
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_run_names_and_dirs_are_deterministic():
+    name, run_dir, sweep, tags = _hydra_names("router=hash", "seed=3", "experiment=e01")
+    assert (name, run_dir, sweep, tags) == ("hash-s3", "runs/e01/hash-s3", ("runs/e01", "hash-s3"), [])
+
+
+def test_run_names_say_every_override_but_how_a_run_is_run():
+    """Any override that changes what is trained is in the name (sorted, after router and seed), so the jobs of a
+    sweep over any key get their own folders; resuming or lengthening a run keeps its name."""
+    a, _, _, tags = _hydra_names("router=hash", "router.table=random", "model=tiny")
+    b = _hydra_names("router=hash", "router.table=balanced", "model=tiny")[0]
+    assert a == "hash-s0,model=tiny,router.table=random" and b == "hash-s0,model=tiny,router.table=balanced"
+    assert tags == ["model=tiny", "router.table=random"]
+    same = _hydra_names("router=hash", "router.table=random", "model=tiny", "ckpt_path=last", "trainer.max_steps=9",
+                        "experiment=x", "logger=csv", "compile=true")[0]
+    assert same == a
+    files = _hydra_names("data=text_files", "data.data_files=/a/b.txt")[0]
+    assert files == "topk-s0,data.data_files=_a_b.txt,data=text_files"  # one folder: "/" -> "_"
+
+
+def test_long_run_names_stay_unique_and_fit_a_folder_name():
+    from moe_variants.training.naming import MAX_NAME_BYTES, run_name
+
+    long_a, long_b = (run_name("hash", 0, ",".join(f"k{i}={v}" for i in range(60))) for v in ("x", "y"))
+    assert long_a != long_b and len(long_a.encode()) <= MAX_NAME_BYTES and long_a.startswith("hash-s0,k0=x")
+
+
+def test_help_describes_the_app():
+    proc = subprocess.run([sys.executable, "-m", "moe_variants.training.run", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "moe-train: train a Mixtral" in proc.stdout and "== Everyday commands ==" in proc.stdout
+    assert "moe-train -m router=hash router.table=random,balanced" in proc.stdout
+    assert "router: hash, span, topk" in proc.stdout and "is powered by Hydra" not in proc.stdout
 
 
 def test_loss_coefficients_live_in_loss_config_only():

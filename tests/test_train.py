@@ -58,18 +58,25 @@ def wandb_records(path: Path, block: int = 32768):
 
 
 def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
-    """Group, tags, config and history of the (last) offline W&B run under ``run_dir``. wandb-core may still be
-    flushing right after ``finish()``, so wait for the run's exit record."""
+    """Name, project, group, tags, config, history, metric definitions and summary of the (last) offline W&B run
+    under ``run_dir``. wandb-core may still be flushing right after ``finish()``, so wait for the run's exit
+    record."""
     deadline = time.monotonic() + timeout_s
     while True:
         files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
         assert files, f"no offline W&B run under {run_dir}"
-        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False}
+        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False, "metrics": {}, "summary": {}}
         for rec in wandb_records(files[-1]):
             kind = rec.WhichOneof("record_type")
             if kind == "run":
                 out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
+                out.update(name=rec.run.display_name, project=rec.run.project, job_type=rec.run.job_type)
                 out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "metric":  # define_metric
+                out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric
+            elif kind == "summary":
+                out["summary"].update(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
             elif kind == "config":
                 out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
             elif kind == "history":
@@ -116,20 +123,33 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
     assert cfg["loss"] == {"load_balance": 0.01, "z_loss": 0.001} and cfg["name"] == "topk-s0"
     logged = {k for row in wb["history"] for k in row}
     assert {"train/loss", "train/lm_loss", "train/load_balance", "train/z_loss", "train/lr", "val/loss",
-            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first",
-            "routing/layer0/load/e7"} <= logged
+            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first", "routing/layer1/repeat_any",
+            "routing/repeat_any", "routing/layer0/load/e7", "train/tokens_per_s"} <= logged
 
 
-def test_multirun_runs_share_one_wandb_group(tmp_path):
-    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
-           f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
+def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
+    """``-m router=hash router.table=random,balanced``: each job gets its own folder and W&B run named
+    ``hash-s0,<its overrides>``, tags with the swept value, one W&B group; one line per Lightning log event, also
+    in the job's log file; a progress bar over the steps."""
+    fast = [o for o in FAST if "progress_bar" not in o]
+    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=hash", "router.table=random,balanced",
+           "seed=0", "experiment=sweep1", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb",
+           "trainer.max_steps=2", "report=false", *fast]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: read_wandb_run(tmp_path / "runs" / "sweep1" / name) for name in ("topk-s0", "hash-s0")}
-    assert {r["group"] for r in runs.values()} == {"sweep1"}
-    assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
-    assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
-    assert (tmp_path / "runs" / "sweep1" / "hash-s0" / "checkpoints" / "last.ckpt").is_file()
+    common = "data.batch_size=4,data.seq_len=32,data=standin,model=tiny"  # sorted; FAST's run-mechanics left out
+    for table in ("random", "balanced"):
+        name = f"hash-s0,{common},router.table={table},scheduler.warmup_steps=2,trainer.accelerator=cpu"
+        run_dir = tmp_path / "runs" / "sweep1" / name
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run_dir.parent.iterdir())
+        wb = read_wandb_run(run_dir)
+        assert wb["group"] == "sweep1" and wb["name"] == name
+        assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
+        assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
+        assert (run_dir / "run.log").read_text().count("GPU available:") == 1  # Lightning's lines in the job log
+    output = proc.stdout + proc.stderr
+    assert output.count("GPU available:") == 2, output[-3000:]  # once per job
+    assert "train: 100%" in output and "2/2" in output and "Epoch 0/-2" not in output
 
 
 def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):

@@ -6,13 +6,16 @@
 Runs the checkpoint over the validation split of each domain and writes ``results/<name>/``:
 ``table5.md`` / ``table5.csv`` (consecutive repeat rates per domain and layer, Mixtral Table 5),
 ``load_per_domain.png`` (Figure 7), ``load_heatmap.png`` (layers x experts), ``repeat_rates.png``
-(Figure 10), ``tokens.html`` (Figure 8), ``metrics.json`` (everything, per layer).
+(Figure 10), ``tokens.html`` (Figure 8), ``metrics.json`` (everything, per layer); and logs them to a W&B run in the
+project and group of the analysed training run, with its config (router, seed, experiment), so that analysis
+panels group and filter with the sweep.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
     model, cfg = load_model(p)
     data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
     return model, {"tokenizer": data.get("tokenizer", "mixtral"), "seq_len": data.get("seq_len"), "source": "ours",
-                   "router": OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else None}
+                   "router": OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else None,
+                   "run_config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 @torch.no_grad()
@@ -174,24 +178,55 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["checkpoint"] = str(cfg.ckpt)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if cfg.wandb:
-        log_wandb(metrics, out, name)
+        log_wandb(metrics, out, wandb_settings(info.get("run_config"), name, cfg))
     print(f"wrote {out}/: table5.md table5.csv load_per_domain.png load_heatmap.png repeat_rates.png tokens.html "
           f"metrics.json")
     return metrics
 
 
-def log_wandb(metrics: dict, out: Path, name: str) -> None:
+def wandb_settings(run_config: dict[str, Any] | None, name: str, cfg: DictConfig) -> dict[str, Any]:
+    """``wandb.init`` arguments of the analysis run: the project and group of the analysed training run, its whole
+    config (router, seed, experiment, choices, ...) plus an ``analysis`` section, and its router and seed as tags,
+    so that analysis panels group and filter with the sweep. An HF checkpoint (no run config) goes to group
+    ``analysis``. ``WANDB_MODE`` in the environment wins over ``cfg.wandb_mode`` (offline by default)."""
+    run_config = dict(run_config or {})
+    logger = (run_config.get("logger") or {}).get("wandb") or {}
+    analysis = {"checkpoint": str(cfg.ckpt), "sequences_per_domain": cfg.sequences_per_domain, "seq_len": cfg.seq_len,
+                "domains": OmegaConf.to_container(cfg.domains) if cfg.domains else None}
+    tags = ["analysis"]
+    if run_config:
+        router = (run_config.get("choices") or {}).get("router") or str(run_config["router"]["_target_"]).rsplit(
+            ".", 2)[-2]  # moe_variants.routers.<name>.<Class>, for checkpoints saved without choices
+        tags += [router, f"seed-{run_config.get('seed')}"]
+    return {
+        "project": logger.get("project") or "moe-variants",
+        "group": logger.get("group") or run_config.get("experiment") or "analysis",
+        "name": f"analyze-{name}",
+        "job_type": "analysis",
+        "tags": tags,
+        "config": {**run_config, "analysis": analysis},
+        "mode": os.environ.get("WANDB_MODE") or cfg.get("wandb_mode") or "offline",
+    }
+
+
+def log_wandb(metrics: dict, out: Path, settings: dict[str, Any]) -> None:
+    """One W&B run (in ``out/wandb``): Table 5, the figures and token view, per-layer metrics on a ``layer/layer``
+    axis, and layer means in the summary (``analysis/<metric>``) for the runs table."""
     import wandb
 
-    run = wandb.init(project="moe-variants", group="analysis", name=f"analyze-{name}", dir=str(out),
-                     mode="offline", config={"checkpoint": metrics["checkpoint"]})
+    run = wandb.init(dir=str(out), **settings)
     with open(out / "table5.csv") as f:
         rows = list(csv.reader(f))
     run.log({"table5": wandb.Table(columns=rows[0], data=rows[1:]),
              **{k: wandb.Image(str(out / f"{k}.png")) for k in ("load_per_domain", "load_heatmap", "repeat_rates")},
              "tokens": wandb.Html(str(out / "tokens.html"))})
+    run.define_metric("layer/*", step_metric="layer/layer")
     for p in metrics["layers"]:
         run.log({f"layer/{k}": v for k, v in p.items() if isinstance(v, (int, float))})
+    for key in ("repeat_first", "repeat_any", "token_id_predictability"):
+        values = [p[key] for p in metrics["layers"] if isinstance(p.get(key), (int, float)) and p[key] == p[key]]
+        if values:
+            run.summary[f"analysis/{key}"] = sum(values) / len(values)
     run.finish()
 
 

@@ -45,7 +45,8 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     )
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2
+                        ) -> dict[str, Any]:
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -69,8 +70,8 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -166,12 +167,14 @@ def load_hf(path: str | Path, experts: str = "loop", dtype: torch.dtype | None =
     return model
 
 
-def save_hf(model: Transformer, path: str | Path) -> None:
-    """Write ``model`` as a directory that ``transformers.MixtralForCausalLM.from_pretrained`` loads.
+def save_hf(model: Transformer, path: str | Path, bos_token_id: int = 1, eos_token_id: int = 2) -> None:
+    """Write ``model`` as a directory that ``transformers.MixtralForCausalLM.from_pretrained`` loads
+    (``config.json`` + ``model.safetensors``; the ids are those of the tokenizer's BOS / EOS, Mixtral's by default).
 
     Only Mixtral's own learned top-k gate can be expressed in HF's format; hash, span and other routers
     (and their tables), other score functions, selection biases, shared experts and capacity dropping cannot, so
-    such a model refuses to export.
+    such a model refuses to export. A complete folder with the run's tokenizer (``AutoTokenizer``, ``pipeline``):
+    ``moe_variants.training.export.export_hf``.
     """
     args = model.args
     if args.num_shared_experts or args.capacity_factor is not None:
@@ -220,4 +223,5 @@ def save_hf(model: Transformer, path: str | Path) -> None:
             raise ValueError(f"no HF name for tensor {name}")
     dtype = next(model.parameters()).dtype
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2))
+    config = hf_config_from_args(model.args, dtype, bos_token_id, eos_token_id)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

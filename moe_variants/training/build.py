@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +39,7 @@ from moe_variants.training.checkpoint import (
     read_checkpoint,
 )
 from moe_variants.training.lit import LitMoE
+from moe_variants.training.naming import override_tags
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,23 @@ def router_name(cfg: DictConfig) -> str:
         if choice:
             return str(choice)
     return str(cfg.router._target_).rsplit(".", 2)[-2]  # moe_variants.routers.<name>.<Class>
+
+
+def config_choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group options of this run (``{"router": "hash", "model": "tiny", ...}``; Hydra's choices, or the
+    router alone without Hydra): saved with the config, so W&B panels group by ``choices.router``."""
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
+    return {"router": router_name(cfg)}
+
+
+def swept_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags for the overrides in the run's name (``router.table=random``); none without Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    return override_tags(hydra_cfg.overrides.task, hydra_cfg.job.config.override_dirname.exclude_keys)
 
 
 # -- checks --------------------------------------------------------------------------------------------------
@@ -246,7 +265,10 @@ def make_loggers(cfg: DictConfig, tags: list[str], run_dir: Path | None = None, 
 
 
 def make_callbacks(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def claim_run_dir(run_dir: Path) -> Path:
@@ -302,6 +324,7 @@ class Run:
 def build(cfg: DictConfig) -> Run:
     """Build and check everything; nothing is trained yet. Claims the run dir (see :func:`claim_run_dir`)."""
     config = resolved_config(cfg)
+    config["choices"] = config_choices(cfg)
     run_dir = Path(config["run_dir"])
     args = check_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
@@ -335,11 +358,11 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
     check_data(args, datamodule)
     resources = make_resources(datamodule)
 
-    L.seed_everything(cfg.seed, workers=True)  # model init independent of what data setup consumed
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # model init independent of what data setup consumed
     model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
     if cfg.get("compile"):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
-    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
+    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"]) + swept_tags(cfg)
     loggers = make_loggers(cfg, tags, run_dir if launch_rank() == 0 else None, resuming=ckpt_path is not None)
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=make_callbacks(cfg), plugins=[AtomicCheckpointIO()],

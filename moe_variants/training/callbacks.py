@@ -1,4 +1,5 @@
-"""Training callbacks: live routing metrics, throughput, and the bias update of auxiliary-loss-free balancing.
+"""Training callbacks: live routing metrics and the bias update of auxiliary-loss-free balancing (throughput:
+``training.throughput``; W&B panels: ``training.dashboard``).
 
 ``RoutingMetrics`` and ``BiasBalancing`` read the routing decisions that ``LitMoE.training_step`` returns for its own
 step (no hooks, no global state); the metrics are the pure functions of ``moe_variants.analysis``.
@@ -6,8 +7,6 @@ step (no hooks, no global state); the metrics are the pure functions of ``moe_va
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import lightning as L
@@ -22,10 +21,10 @@ class RoutingMetrics(L.Callback):
     """Every ``every_n_steps`` optimizer steps, log per MoE layer ``i`` under ``routing/layer{i}/``:
     ``load_max``, ``load_min``, ``max_over_mean`` (1 = balanced), ``load/e{j}`` (share of assignments),
     ``entropy`` (nats, router softmax; learned routers only), ``aux/<name>`` (unweighted aux losses) and
-    ``repeat_first`` (first-choice consecutive-repeat rate, Mixtral Table 5); layer means as ``routing/<metric>``.
-    Loads count the copies that experts compute; where some are not (``RouterOutput.dropped``: capacity, or expert
-    choice's unused slots) also ``drop_rate`` (share of the K slots not computed) and ``unrouted`` (share of tokens
-    with no expert at all)."""
+    ``repeat_first`` / ``repeat_any`` (consecutive-repeat rates of the first choice / of any of the top-K, Mixtral
+    Table 5); layer means as ``routing/<metric>``. Loads count the copies that experts compute; where some are not
+    (``RouterOutput.dropped``: capacity, or expert choice's unused slots) also ``drop_rate`` (share of the K slots
+    not computed) and ``unrouted`` (share of tokens with no expert at all)."""
 
     def __init__(self, every_n_steps: int = 50, per_expert: bool = True) -> None:
         self.every_n_steps = max(1, int(every_n_steps))
@@ -57,11 +56,13 @@ class RoutingMetrics(L.Callback):
             else:  # the computed copies only, read as one row of K = 1 choices
                 dropped = dropped.cpu()
                 load = expert_load(expert_ids[~dropped].view(1, -1), num_experts)
+            repeats = consecutive_repeat_rates(expert_ids, doc_start=doc_start)
             layer = {
                 "load_max": float(load.max()),
                 "load_min": float(load.min()),
                 "max_over_mean": float(load.max() / load.mean()),
-                "repeat_first": consecutive_repeat_rates(expert_ids, doc_start=doc_start)["first"],
+                "repeat_first": repeats["first"],
+                "repeat_any": repeats["any"],
             }
             if logits is not None:
                 layer["entropy"] = router_entropy(logits.cpu())
@@ -77,41 +78,6 @@ class RoutingMetrics(L.Callback):
         for name, values in means.items():
             metrics[f"routing/{name}"] = sum(values) / len(values)
         return metrics
-
-
-class Throughput(L.Callback):
-    """Training tokens per second (``train/tokens_per_s``, over the steps since the last log), excluding
-    validation and checkpointing; totals for the run report in ``tokens`` and ``train_seconds``. Tokens are those
-    of all ranks (each rank's batch times the world size: the data module gives every rank the same batch size),
-    timed on this rank."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.train_seconds = 0.0
-        self._t0: float | None = None
-        self._window = [0, 0.0]
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._t0 is None:
-            return
-        dt = time.perf_counter() - self._t0
-        n = int(batch["input_ids"].numel()) * trainer.world_size
-        self.tokens += n
-        self.train_seconds += dt
-        self._window[0] += n
-        self._window[1] += dt
-        if trainer.global_step % trainer.log_every_n_steps == 0 and self._window[1] > 0:
-            pl_module.log("train/tokens_per_s", self._window[0] / self._window[1], on_step=True, on_epoch=False)
-            self._window = [0, 0.0]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds else math.nan
 
 
 class BiasBalancing(L.Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0o600; a checkpoint gets what open() would give
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -45,13 +47,27 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         os.close(dir_fd)
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`)."""
+    """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`); ``seconds`` is the
+    time spent writing so far (the run report's checkpointing time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
+        start = time.perf_counter()
         save_atomic(checkpoint, path)
+        self.seconds += time.perf_counter() - start
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
