@@ -197,18 +197,24 @@ def _stream_tar(blob: bytes | io.IOBase, compression: str) -> tarfile.TarFile:
     return tarfile.open(fileobj=fileobj, mode="r|*")
 
 
-def _tar_files(tar: tarfile.TarFile, rx: re.Pattern, ex: re.Pattern | None, max_bytes: int
-               ) -> Iterator[tuple[str, bytes]]:
+COPYRIGHT = re.compile(r"^usr/share/doc/[^/]+/copyright$")
+
+
+def _tar_files(tar: tarfile.TarFile, rx: re.Pattern, ex: re.Pattern | None, max_bytes: int,
+               found: dict[str, bytes] | None = None) -> Iterator[tuple[str, bytes]]:
     for m in tar:  # archive order: deterministic for one file, and streams without random access
         path = m.name.lstrip("./")
+        if found is not None and m.isfile() and COPYRIGHT.search(path):  # the licence, in the same pass
+            found.setdefault("copyright", tar.extractfile(m).read())  # type: ignore[union-attr]
         if m.isfile() and rx.search(path) and not (ex and ex.search(path)) and m.size <= max_bytes:
             f = tar.extractfile(m)
             if f is not None:
                 yield path, f.read()
 
 
-def raw_files(pin: Pin, raw: Path) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of the files of ``pin`` matching its include/exclude regexes, in archive order."""
+def raw_files(pin: Pin, raw: Path, found: dict[str, bytes] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of the files of ``pin`` matching its include/exclude regexes, in archive order (a Debian
+    package's ``copyright`` file goes into ``found``)."""
     rx = re.compile(pin.include)
     ex = re.compile(pin.exclude) if pin.exclude else None
     max_bytes = int(pin.max_file_mb * 1e6)
@@ -226,7 +232,7 @@ def raw_files(pin: Pin, raw: Path) -> Iterator[tuple[str, bytes]]:
                     yield from _tar_files(inner, rx, ex, max_bytes)
                     return
             raise S.SourceMissing(f"{deb.name}: no member matching {pin.inner!r}")
-        yield from _tar_files(tar, rx, ex, max_bytes)
+        yield from _tar_files(tar, rx, ex, max_bytes, found)
     elif pin.registry == "pypi":
         wheel = pin.archive(raw)
         if not wheel.is_file():
@@ -245,8 +251,12 @@ def raw_files(pin: Pin, raw: Path) -> Iterator[tuple[str, bytes]]:
         raise S.SourceMissing(f"{pin.name}: the files reader needs a deb, pypi or npm package")
 
 
-def package_licence(pin: Pin, raw: Path) -> str:
-    """The licence the package declares (Debian copyright, wheel METADATA, package.json), else the pin's."""
+def package_licence(pin: Pin, raw: Path, copyright: bytes | None = None) -> str:
+    """The licence the package declares (Debian copyright, wheel METADATA, package.json), else the pin's.
+    ``copyright``: a Debian package's copyright file when already read (saves a pass over the archive)."""
+    if copyright is not None and pin.registry == "deb" and not pin.licence:
+        m = re.search(r"^License: (.+)$", S.decode(copyright), re.M)
+        return m.group(1).strip() if m else "see the package's copyright file"
     try:
         if pin.registry == "pypi":
             with zipfile.ZipFile(pin.archive(raw)) as zf:
@@ -277,13 +287,14 @@ def package_licence(pin: Pin, raw: Path) -> str:
 # ---------------------------------------------------------------- one package -> named texts
 
 
-def package_texts(pin: Pin, raw: Path, seed: int = 0) -> Iterator[tuple[str, str]]:
+def package_texts(pin: Pin, raw: Path, seed: int = 0, found: dict[str, bytes] | None = None
+                  ) -> Iterator[tuple[str, str]]:
     """(name, text) of every usable file of the package (for ``math``: one text per generated module)."""
     debs, work = raw / "debs", raw / "work"
     if pin.reader in ("files", "tarball"):
         budget = int(pin.max_mb * 1e6) if pin.max_mb else None
         used = 0
-        for path, data in raw_files(pin, raw):
+        for path, data in raw_files(pin, raw, found):
             path, text = to_text(path, data)
             if pin.name == "licensedcode-data" and text.startswith("---"):  # YAML front matter
                 end = text.find("\n---", 3)

@@ -115,7 +115,8 @@ def extract_task(args: tuple[Pin, str, str, int]) -> dict:
         return {**json.loads(meta_path.read_text()), "cached": True, "seconds": 0.0}
     from moe_variants.data.extract import package_licence, package_texts
 
-    texts = list(package_texts(pin, raw, seed))
+    found: dict[str, bytes] = {}
+    texts = list(package_texts(pin, raw, seed, found))
     files = len(texts)
     if pin.group:
         texts = _group_small(texts)
@@ -142,7 +143,7 @@ def extract_task(args: tuple[Pin, str, str, int]) -> dict:
         "docs": len(docs),
         "bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in docs),
         "bytes_per_token": (n / sample_tokens) if sample_tokens else 4.0,
-        "licence": package_licence(pin, raw),
+        "licence": package_licence(pin, raw, found.get("copyright")),
         "archive_sha256": sha,
         "groups": groups if pin.reader == "math" else [],
     }
