@@ -39,7 +39,7 @@ def fetch(pins: list[Pin], raw: Path, log=print) -> dict[str, str]:
             for n, v in debs:
                 errors[f"deb:{n}=={v}"] = "apt-get not found: put the .deb in " + str(raw / "debs")
         else:
-            log(f"moe-data: apt-get download {len(debs)} Debian packages")
+            log(f"apt-get download {len(debs)} Debian packages")
             ok, msg = _run(["apt-get", "download", *[f"{n}={v}" for n, v in debs]], raw / "debs")
             if not ok:  # one unknown version fails the batch: retry one by one to name the culprits
                 for n, v in debs:
@@ -49,7 +49,7 @@ def fetch(pins: list[Pin], raw: Path, log=print) -> dict[str, str]:
     wheels = [p for p in pins if p.registry == "pypi" and not p.archive(raw).is_file()]
     if wheels:
         (raw / "pypi").mkdir(parents=True, exist_ok=True)
-        log(f"moe-data: pip download {len(wheels)} wheels")
+        log(f"pip download {len(wheels)} wheels")
         for p in wheels:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", "-q", "-d", str(raw / "pypi"), f"{p.name}=={p.version}"]
@@ -63,7 +63,7 @@ def fetch(pins: list[Pin], raw: Path, log=print) -> dict[str, str]:
             for p in tarballs:
                 errors[p.key] = "npm not found: put the tarball in " + str(raw / "npm")
         for p in tarballs if shutil.which("npm") else []:
-            log(f"moe-data: npm pack {p.name}@{p.version}")
+            log(f"npm pack {p.name}@{p.version}")
             ok, msg = _run(["npm", "pack", "--silent", f"{p.name}@{p.version}"], raw / "npm")
             if not ok or not p.archive(raw).is_file():
                 errors[p.key] = f"npm pack {p.name}@{p.version}: {msg}"
