@@ -163,10 +163,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
     from moe_variants.data.datamodule import CorpusDataModule
 
-    dm = CorpusDataModule(corpus_dir=cfg.corpus_dir, tokenizer=info["tokenizer"],
-                          seq_len=cfg.seq_len or info.get("seq_len") or 256, batch_size=cfg.batch_size,
-                          domains=list(cfg.domains) if cfg.domains else None,
-                          val_sequences_per_domain=cfg.sequences_per_domain)
+    common = dict(tokenizer=info["tokenizer"], seq_len=cfg.seq_len or info.get("seq_len") or 256,
+                  batch_size=cfg.batch_size, domains=list(cfg.domains) if cfg.domains else None,
+                  val_sequences_per_domain=cfg.sequences_per_domain)
+    if cfg.get("data"):  # a data config (conf/data/*.yaml) instead of the embedded corpus: data=datasets ...
+        from hydra.utils import instantiate
+
+        dm = instantiate(cfg.data, **common)
+    else:
+        dm = CorpusDataModule(corpus_dir=cfg.corpus_dir, **common)
     dm.setup("validate")
     if dm.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer vocabulary {dm.vocab_size} != model.vocab_size {model.args.vocab_size}")
