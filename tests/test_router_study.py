@@ -201,6 +201,8 @@ def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
         for s in seeds:
             run = json.loads((res / "runs" / f"{arm}-s{s}" / "run.json").read_text())
             assert run["report"]["steps"] == 20 and len(run["layers"]) == 2
+            for m in ("token_id_predictability", "token_id_predictability_heldout_by_doc", "vocabulary_specialization"):
+                assert 0 <= run["layers"][0][m + "_random"] <= 1, m  # every number beside its random-routing floor
     summary = (res / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == arms
     return (res / "report.md").read_text()
@@ -281,3 +283,18 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
     assert history["train/loss"] == sorted(logged.items())
     assert history["val/loss"] == [(19, 5.0), (29, 6.0)]
     assert read_history(tmp_path / "nothing") == {}
+
+
+def test_report_from_the_saved_v1_results_says_what_they_lack(tmp_path):
+    """The committed v1 run.json files (no random-routing floors; 'held out' by window parity) still make a report:
+    it prints n/a where a floor is missing, says why, and does not call the window-parity number held out."""
+    shutil.copytree(REPO_ROOT / "results" / "router_study" / "runs", tmp_path / "runs",
+                    ignore=lambda d, names: [n for n in names if n not in ("run.json", "history.json")
+                                             and not (Path(d) / n).is_dir()])
+    assert study_analyze.main(["--study", "router_study", "--out", str(tmp_path), "--report-only"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| topk, random routing | n/a |" in md
+    assert "predate the random-routing floor" in md
+    assert "even vs odd windows, not held out: 0.707 ± 0.018" in md
+    assert "**token-id predictability, held out**" not in md
+    assert "1/E plus" not in md

@@ -1,9 +1,9 @@
-"""Router contract, look-ahead audit and router-specific behaviour, looped over every router config.
+"""Router contract and router-specific behaviour, looped over every router config.
 
 Every ``conf/router/*.yaml`` (and the variants below) is built through Hydra's ``instantiate``, so a new
-router file + config is covered by the contract and audit tests with no new test code. A config that refuses to
-build without ``router.allow_lookahead=true`` is a look-ahead router: it must keep refusing, and the audit must
-fail it once allowed.
+router file + config is covered by the contract tests (and by the look-ahead audit, ``test_audit.py``) with no new
+test code. A config that refuses to build without ``router.allow_lookahead=true`` is a look-ahead router: it must
+keep refusing, and the audit must fail it once allowed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.model.routing import LayerSpec, RoutingContext
-from moe_variants.routers.audit import AUDIT_ARGS, audit_router, synthetic_resources
+from moe_variants.routers.audit import AUDIT_ARGS, synthetic_resources
 from moe_variants.routers.hash import HashRouter, balanced_expert_table, lpt_expert_table
 from moe_variants.routers.resources import RoutingResources
 from moe_variants.routers.spans import start_index
@@ -90,40 +90,24 @@ def test_router_contract(name, overrides):
     assert model.causal
 
 
-@pytest.mark.parametrize("name, overrides", CAUSAL, ids=IDS)
-def test_lookahead_audit_passes_for_causal_routers(name, overrides):
-    result = audit_router(router_factory(name, overrides), ModelArgs(**AUDIT_ARGS))
-    assert result.passed, result.violations[:3]
-
-
-def test_lookahead_audit_fails_for_whole_word():
-    factory = router_factory("span", {"decision": "whole_word", "allow_lookahead": True})
-    result = audit_router(factory, ModelArgs(**AUDIT_ARGS))
-    assert not result.passed  # proves the audit can fail
+# The look-ahead audit of every config and variant: tests/test_audit.py.
+def test_whole_word_is_labelled_non_causal():
     model = build("span", {"decision": "whole_word", "allow_lookahead": True})
     assert not model.causal
 
 
 @pytest.mark.parametrize("name", LOOKAHEAD_CONFIGS)
-def test_lookahead_router_configs_refuse_and_fail_the_audit(name):
+def test_lookahead_router_configs_refuse_and_are_labelled(name):
+    """They refuse to build by default and are labelled non-causal when allowed (test_audit.py: the audit fails
+    every config that refuses to build)."""
     with pytest.raises(ValueError, match="allow_lookahead=true"):
         build(name, {})
-    result = audit_router(router_factory(name, {"allow_lookahead": True}), ModelArgs(**AUDIT_ARGS))
-    assert not result.passed
     assert not build(name, {"allow_lookahead": True}).causal
 
 
 def test_whole_word_refuses_to_build_without_flag():
     with pytest.raises(ValueError, match="allow_lookahead=true"):
         build("span", {"decision": "whole_word"})
-
-
-def test_audit_command(capsys):
-    from moe_variants.routers.audit import main
-
-    assert main(["router=hash", "router.table=bigram"]) == 0
-    assert main(["router=span", "router.decision=whole_word", "router.allow_lookahead=true"]) == 1
-    assert "FAIL" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

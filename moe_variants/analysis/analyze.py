@@ -6,9 +6,12 @@
 Runs the checkpoint over the validation split of each domain and writes ``results/<name>/``:
 ``table5.md`` / ``table5.csv`` (consecutive repeat rates per domain and layer, Mixtral Table 5),
 ``load_per_domain.png`` (Figure 7), ``load_heatmap.png`` (layers x experts), ``repeat_rates.png``
-(Figure 10), ``tokens.html`` (Figure 8), ``metrics.json`` (everything, per layer); and logs them to a W&B run in the
-project and group of the analysed training run, with its config (router, seed, experiment), so that analysis
-panels group and filter with the sweep.
+(Figure 10), ``tokens.html`` (Figure 8), ``predictability.md`` (token-id predictability, in-sample and held out
+by document, and vocabulary and domain specialisation, each beside its value for uniformly random routing of
+the same tokens), ``metrics.json`` (everything, per layer); and logs them to a W&B run in the project and group
+of the analysed training run, with its config (router, seed, experiment), so that analysis panels group and
+filter with the sweep. The figures show the first, middle and last layer, the middle being (n_layers - 1) // 2
+as in the paper (15 of 32).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
     keep: dict[str, list] = {k: [] for k in ("input_ids", "domain_ids", "span_start", "doc_start", "loss")}
     experts: list[list[torch.Tensor]] = [[] for _ in model.layers]
     dropped: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    entropy: list[list[float]] = [[] for _ in model.layers]
+    entropy: list[list[float]] = [[] for _ in model.layers]  # per layer: [summed token entropies, tokens]
     for loader in loaders:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -65,13 +68,33 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
                 experts[layer].append(r.expert_ids)
                 dropped[layer].append(torch.zeros_like(r.expert_ids, dtype=torch.bool) if r.dropped is None
                                       else r.dropped)
-                if r.logits is not None:
-                    entropy[layer].append(A.router_entropy(r.logits))
+                if r.logits is not None:  # summed per token, so that the mean weighs every token alike
+                    n = r.logits.shape[:-1].numel()
+                    sums = entropy[layer] or [0.0, 0]
+                    entropy[layer] = [sums[0] + A.router_entropy(r.logits) * n, sums[1] + n]
     data = {k: torch.cat(v) for k, v in keep.items()}
     data["expert_ids"] = [torch.cat(e) for e in experts]  # per layer (N, S, K)
     data["dropped"] = [torch.cat(d) for d in dropped]  # per layer (N, S, K) bool: copies no expert computed
-    data["entropy"] = [sum(e) / len(e) if e else None for e in entropy]
+    data["entropy"] = [e[0] / e[1] if e else None for e in entropy]  # mean over all tokens
     return data
+
+
+def with_random_baselines(eids: torch.Tensor, ids: torch.Tensor, doc: torch.Tensor, dom: torch.Tensor, E: int,
+                          K: int, D: int) -> dict[str, float]:
+    """Token-id predictability (in-sample and held out by document), vocabulary specialisation (min_count 10)
+    and domain specialisation (mean over domains of the largest expert share), each with ``<name>_random``: its
+    value for uniformly random routing of the same tokens (mean of 4 draws). Their floors are not 1/E."""
+    metrics = {
+        "token_id_predictability": lambda e: A.token_id_predictability(e, ids),
+        "token_id_predictability_heldout": lambda e: A.heldout_token_id_predictability(e, ids, doc),
+        "vocabulary_specialization": lambda e: A.vocabulary_specialization(e, ids, E, min_count=10),
+        "domain_specialization_max": lambda e: float(A.domain_specialization(e, dom, E, D).max(-1).values.nanmean()),
+    }
+    out = {}
+    for name, fn in metrics.items():
+        out[name] = fn(eids)
+        out[f"{name}_random"] = A.random_routing_baseline(fn, ids.shape, E, K)
+    return out
 
 
 def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces: list[str], out: Path,
@@ -100,8 +123,7 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
             "expert_load_per_domain": dict(zip(domains, load_DE.tolist())),
             "domain_specialization": dict(zip(domains, A.domain_specialization(eids, dom, E, D).tolist())),
             "coactivation": A.expert_coactivation(eids, E).tolist() if K > 1 else None,
-            "vocabulary_specialization": A.vocabulary_specialization(eids, ids, E, min_count=10),
-            "token_id_predictability": A.token_id_predictability(eids, ids),
+            **with_random_baselines(eids, ids, doc, dom, E, K, D),
             "span_coherence": A.span_coherence(eids, spans, doc_start=doc),
             "router_entropy": data["entropy"][layer],
             "drop_rate": float(dropped.float().mean()),  # share of the K slots no expert computed
@@ -115,6 +137,7 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
                "val_loss_per_domain": loss_per_domain, "layers": per_layer}
     out.mkdir(parents=True, exist_ok=True)
     write_table5(per_layer, domains, baselines, out)
+    write_predictability(per_layer, out)
     A.plot_load_per_domain({layer: loads[layer] for layer in view_layers}, domains, out / "load_per_domain.png")
     A.plot_load_heatmap(torch.stack([torch.tensor(p["expert_load"]) for p in per_layer]), out / "load_heatmap.png")
     A.plot_repeat_rates({"first": {d: [p["repeat_first_per_domain"][d] for p in per_layer] for d in domains},
@@ -139,6 +162,29 @@ def write_table5(per_layer: list[dict], domains: list[str], baselines: dict, out
         "top-K sets overlap (`any`), per domain and layer (Mixtral Table 5).\n\n" + "\n".join(md) + "\n")
 
 
+PREDICTABILITY_COLUMNS = {
+    "token_id_predictability": "token-id predictability",
+    "token_id_predictability_heldout": "held out by document",
+    "vocabulary_specialization": "vocabulary specialisation",
+    "domain_specialization_max": "domain specialisation (max share)",
+}
+
+
+def write_predictability(per_layer: list[dict], out: Path) -> None:
+    header = ["layer"] + [f"{label} | random" for label in PREDICTABILITY_COLUMNS.values()]
+    md = ["| " + " | ".join(header) + " |", "|---|" + "---|---|" * len(PREDICTABILITY_COLUMNS)]
+    for p in per_layer:
+        md.append(f"| {p['layer']} | " + " | ".join(f"{p[k]:.3f} | {p[k + '_random']:.3f}"
+                                                    for k in PREDICTABILITY_COLUMNS) + " |")
+    (out / "predictability.md").write_text(
+        "How much of the routing the token id (or the domain) explains, per layer, beside the same statistic for "
+        "uniformly random routing of the same tokens (`random`, mean of 4 draws): that, not 1/E, is the floor. "
+        "Token-id predictability is the accuracy of the best token id -> first expert table, fitted and scored on "
+        "the same tokens (in-sample) or fitted on half of the documents and scored on the other half; vocabulary "
+        "specialisation is OLMoE's (ids seen at least 10 times); domain specialisation is OLMoE's, the largest "
+        "expert share of each domain's tokens, averaged over domains.\n\n" + "\n".join(md) + "\n")
+
+
 def token_page(data: dict, domains: list[str], pieces: list[str], layers: list[int], E: int,
                n_tokens: int = 160) -> str:
     sections = []
@@ -157,7 +203,7 @@ def token_page(data: dict, domains: list[str], pieces: list[str], layers: list[i
 def run(cfg: DictConfig) -> dict[str, Any]:
     model, info = load_any(cfg.ckpt)
     n_layers = len(model.layers)
-    view = list(cfg.layers) if cfg.layers else sorted({0, n_layers // 2, n_layers - 1})
+    view = list(cfg.layers) if cfg.layers else A.paper_layers(n_layers)
     bad = [layer for layer in view if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
@@ -184,8 +230,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if cfg.wandb:
         log_wandb(metrics, out, wandb_settings(info.get("run_config"), name, cfg))
-    print(f"wrote {out}/: table5.md table5.csv load_per_domain.png load_heatmap.png repeat_rates.png tokens.html "
-          f"metrics.json")
+    print(f"wrote {out}/: table5.md table5.csv predictability.md load_per_domain.png load_heatmap.png "
+          f"repeat_rates.png tokens.html metrics.json")
     return metrics
 
 
