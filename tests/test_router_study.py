@@ -279,7 +279,7 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
             logged[step] = loss
         run.log({"val/loss": 5.0 + start, "trainer/global_step": steps[-1]})
         run.finish()
-    history = read_history(tmp_path)
+    history = read_history(tmp_path, wait_s=60)  # right after finish(): wait for each sitting's exit record
     assert history["train/loss"] == sorted(logged.items())
     assert history["val/loss"] == [(19, 5.0), (29, 6.0)]
     assert read_history(tmp_path / "nothing") == {}

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_variants import analysis as A
 from moe_variants.model.transformer import Transformer
 from moe_variants.paths import CONF_DIR
+from moe_variants.training.checkpoint import nonfinite
 
 
 def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
@@ -37,7 +38,11 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
     if p.is_dir() and (p / "config.json").is_file():
         from moe_variants.model.hf import load_hf
 
-        return load_hf(p).eval(), {"tokenizer": "mixtral", "source": "hf"}
+        model = load_hf(p).eval()
+        bad = nonfinite(model.state_dict().items())
+        if bad:
+            raise ValueError(f"{p} holds NaN/inf weights ({', '.join(bad[:5])}): it cannot be analysed")
+        return model, {"tokenizer": "mixtral", "source": "hf"}
     if not p.exists():
         raise FileNotFoundError(f"ckpt={path} does not exist: give a .ckpt file, a run dir or an HF Mixtral dir")
     from moe_variants.training.build import load_model
@@ -222,7 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if dm.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer vocabulary {dm.vocab_size} != model.vocab_size {model.args.vocab_size}")
     data = collect(model, dm.val_dataloader(), None)
-    name = cfg.name or Path(cfg.ckpt).resolve().name.replace(".ckpt", "")
+    name = result_name(cfg.name, cfg.ckpt)
     out = Path(cfg.results_dir) / name
     pieces = [dm.tokenizer.id_to_token(i) or "" for i in range(dm.vocab_size)]
     metrics = analyze(model, data, dm.domains, pieces, out, view)
@@ -233,6 +238,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"wrote {out}/: table5.md table5.csv predictability.md load_per_domain.png load_heatmap.png "
           f"repeat_rates.png tokens.html metrics.json")
     return metrics
+
+
+def result_name(name: Any, ckpt: str) -> str:
+    """``results/<name>/``: ``name`` as text (``name=7`` or ``name=nan`` parse as numbers), else the checkpoint's
+    file or folder name."""
+    return str(name) if name is not None else Path(ckpt).resolve().name.replace(".ckpt", "")
 
 
 def wandb_settings(run_config: dict[str, Any] | None, name: str, cfg: DictConfig) -> dict[str, Any]:

@@ -8,7 +8,6 @@ SWORD Bibles, the KJV ``bible`` program, Jane Austen's R data, generated mathema
 from __future__ import annotations
 
 import gzip
-import html
 import io
 import json
 import lzma

@@ -333,8 +333,8 @@ def build_large(
     # 4. tokenize
     t = time.time()
     torder = sorted(kept, key=lambda p: -budgets[p.key])
-    tres = _pool_map(tokenize_task, [(str(raw), extracted[p.key]["key"], budgets[p.key], tok_fp, p.key) for p in torder],
-                     workers, "tokenize")
+    tasks = [(str(raw), extracted[p.key]["key"], budgets[p.key], tok_fp, p.key) for p in torder]
+    tres = _pool_map(tokenize_task, tasks, workers, "tokenize")
     tok_of = {p.key: r for p, r in zip(torder, tres)}
     for p, r in zip(torder, tres):
         if "error" in r:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 DEFAULT_PINS = Path(__file__).with_name("large_sources.toml")
 REGISTRIES = ("deb", "pypi", "npm", "generated")
