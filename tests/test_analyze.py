@@ -10,6 +10,7 @@ from tiny_corpus import write_tiny_corpus
 from moe_variants import ModelArgs, Transformer
 from moe_variants.analysis.analyze import run
 from moe_variants.model.hf import save_hf
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.checkpoint import CONFIG_KEY
 
 ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=32000, num_experts=4,
@@ -65,7 +66,7 @@ def test_analyze_our_checkpoint_writes_every_file(corpus, tmp_path):
 
 def test_analyze_hf_mixtral_directory(corpus, tmp_path):
     torch.manual_seed(0)
-    save_hf(Transformer(ModelArgs(**ARGS)), tmp_path / "hf")
+    save_hf(Transformer(ModelArgs(**ARGS), router=TopKRouter), tmp_path / "hf")
     metrics = run(cfg(tmp_path / "hf", corpus, tmp_path / "res", layers=[1]))
     assert metrics["routers"] == ["topk(k=2)"]
     assert 0 <= metrics["layers"][0]["repeat_first"] <= 1

@@ -17,6 +17,7 @@ import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
 
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import load_model
 from moe_variants.training.checkpoint import save_atomic
 from moe_variants.training.run import run
@@ -233,7 +234,7 @@ def test_weight_decay_skips_only_norm_gains(tiny_args):
     from moe_variants import Transformer
     from moe_variants.training.lit import LitMoE
 
-    model = Transformer(tiny_args)
+    model = Transformer(tiny_args, router=TopKRouter)
     lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
                  scheduler=None, loss_coefficients={})
     decay, no_decay = lit.configure_optimizers().param_groups

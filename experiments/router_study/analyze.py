@@ -43,7 +43,7 @@ LAYER_METRICS = {  # per-layer routing metric -> label
 }
 QUESTIONS = {
     "hash": ("hash_random", "hash_balanced", "hash_distilled"),
-    "span": ("span_head", "span_vocab"),
+    "span": ("span_head", "span_first_piece", "span_prefix"),
 }
 
 

@@ -3,8 +3,8 @@
 For many random t, change every token after t and check that routing (expert ids and weights, every layer)
 and logits at positions <= t are unchanged. Run it on any router config:
 
-    moe-audit router=span router.decision=routing_vocab
-    moe-audit router=span router.decision=whole_word router.allow_lookahead=true   # fails: it looks ahead
+    moe-audit router=span_prefix
+    moe-audit router=span_whole_word router.allow_lookahead=true   # fails: it looks ahead
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from moe_variants.model.args import ModelArgs
 from moe_variants.model.routing import RouterFactory
 from moe_variants.model.transformer import Transformer
 from moe_variants.paths import CONF_DIR
-from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers.resources import bind_resources, synthetic_resources
 
 
 @dataclass
@@ -29,14 +29,6 @@ class AuditResult:
     @property
     def passed(self) -> bool:
         return not self.violations
-
-
-def synthetic_resources(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, RoutingResources]:
-    """A random word-start table and a random corpus, for auditing routers that need corpus statistics."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.rand(vocab_size, generator=g) < 0.4  # ~2.5 tokens per word, like real text
-    corpus = torch.randint(0, vocab_size, (64, 128), generator=g)
-    return table, RoutingResources(lambda: [corpus], vocab_size, table, "synthetic-audit")
 
 
 @torch.no_grad()
@@ -65,8 +57,7 @@ def audit_model(model: Transformer, batch: int = 2, seq_len: int = 48, trials: i
 def audit_router(router: RouterFactory, args: ModelArgs, trials: int = 16, seed: int = 0) -> AuditResult:
     """Build a model with ``router`` in every layer (synthetic word table and corpus) and audit it."""
     torch.manual_seed(seed)
-    table, resources = synthetic_resources(args.vocab_size, seed)
-    model = Transformer(args, router=router, word_start_table=table, resources=resources)
+    model = Transformer(args, router=bind_resources(router, synthetic_resources(args.vocab_size, seed)))
     return audit_model(model, trials=trials, seed=seed)
 
 

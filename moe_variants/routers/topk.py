@@ -7,16 +7,7 @@ from torch import nn
 
 from moe_variants.model.losses import load_balance_loss, z_loss
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
-
-
-def topk_gate(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 softmax over all experts, top-k, renormalised (= softmax over the top-k logits).
-
-    Returns (expert_ids (..., K), weights (..., K), probs (..., E)).
-    """
-    probs = torch.softmax(logits.float(), dim=-1)
-    top_p, expert_ids = probs.topk(k, dim=-1)
-    return expert_ids, top_p / top_p.sum(-1, keepdim=True), probs
+from moe_variants.routers.gates import topk_gate
 
 
 class TopKRouter(Router):

@@ -56,7 +56,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         loss, parts = compose_loss(out.lm_loss, out.routing, self.loss_coefficients)
         if not torch.isfinite(loss):  # before backward/optimizer step, so no weight is touched
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -81,7 +81,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         n = int((batch["labels"] != -100).sum())
         acc = self._val_sums.setdefault(dataloader_idx, [0.0, 0])
         acc[0] += float(out.lm_loss) * n
