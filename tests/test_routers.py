@@ -2,7 +2,8 @@
 
 Every ``conf/router/*.yaml`` (and the variants below) is built through Hydra's ``instantiate`` with resources bound
 as ``moe-train`` binds them, so a new router file + config is covered by the contract, checkpoint and audit tests
-with no new test code.
+with no new test code. A router class with ``causal = False`` is a look-ahead router: its config must refuse to
+build without ``router.allow_lookahead=true``, and the audit must fail it once allowed.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def is_causal(name: str, overrides: dict) -> bool:
 CONFIGS = [(name, {}) for name in ROUTER_CONFIGS] + list(VARIANTS.values())
 IDS = ROUTER_CONFIGS + list(VARIANTS)
 CAUSAL = [(c, i) for c, i in zip(CONFIGS, IDS) if is_causal(*c)]
+LOOKAHEAD_CONFIGS = [name for name in ROUTER_CONFIGS if not is_causal(name, {})]
 
 
 def build(name: str, overrides: dict, seed: int = 0, resources=None, **kw) -> Transformer:
@@ -69,7 +71,7 @@ def build(name: str, overrides: dict, seed: int = 0, resources=None, **kw) -> Tr
 
 def test_every_router_config_is_covered():
     assert {"topk", "hash", "span", "span_first_piece", "span_prefix", "span_whole_word"} <= set(ROUTER_CONFIGS)
-    assert [i for (c, i) in zip(CONFIGS, IDS) if not is_causal(*c)] == ["span_whole_word"]
+    assert "span_whole_word" in LOOKAHEAD_CONFIGS and "span_prefix" not in LOOKAHEAD_CONFIGS
 
 
 @pytest.mark.parametrize("name, overrides", [c for c, _ in CAUSAL], ids=[i for _, i in CAUSAL])
@@ -102,7 +104,7 @@ def test_router_contract(name, overrides):
 def test_router_rebuilds_from_a_checkpoint_without_the_corpus(name, overrides):
     """What ``load_model`` does: rebuild from the config with ``resources=FROM_CHECKPOINT`` (another table seed
     where there is one), load the state dict, route exactly as the trained model."""
-    overrides = {**overrides, **(LOOKAHEAD if name == "span_whole_word" else {})}
+    overrides = {**overrides, **({} if is_causal(name, overrides) else LOOKAHEAD)}
     model = build(name, overrides)
     other = {**overrides, **({"seed": 9} if "seed" in OmegaConf.load(CONF / f"{name}.yaml") else {})}
     rebuilt = build(name, other, seed=1, resources=FROM_CHECKPOINT)
@@ -119,15 +121,13 @@ def test_lookahead_audit_passes_for_causal_routers(name, overrides):
     assert result.passed, result.violations[:3]
 
 
-def test_lookahead_audit_fails_for_whole_word():
-    result = audit_router(router_factory("span_whole_word", LOOKAHEAD), ModelArgs(**AUDIT_ARGS))
-    assert not result.passed  # proves the audit can fail
-    assert not build("span_whole_word", LOOKAHEAD).causal
-
-
-def test_whole_word_refuses_to_build_without_flag():
+@pytest.mark.parametrize("name", LOOKAHEAD_CONFIGS)
+def test_lookahead_router_configs_refuse_and_fail_the_audit(name):
     with pytest.raises(ValueError, match="allow_lookahead=true"):
-        build("span_whole_word", {})
+        build(name, {})
+    result = audit_router(router_factory(name, LOOKAHEAD), ModelArgs(**AUDIT_ARGS))
+    assert not result.passed  # proves the audit can fail
+    assert not build(name, LOOKAHEAD).causal
 
 
 def test_audit_command(capsys):
@@ -336,7 +336,7 @@ def test_all_tokens_of_a_span_share_experts(name, overrides):
 def word_ids(resources: RoutingResources) -> tuple[list[int], list[int]]:
     """Ids of marked word pieces and of continuation pieces of the synthetic vocabulary."""
     kinds = resources.piece_kinds
-    return (torch.nonzero(kinds == spans.WORD).flatten().tolist(), torch.nonzero(kinds == spans.CONT).flatten().tolist())
+    return torch.nonzero(kinds == spans.WORD).flatten().tolist(), torch.nonzero(kinds == spans.CONT).flatten().tolist()
 
 
 def test_prefix_router_routes_equal_prefixes_alike():
