@@ -178,7 +178,7 @@ def sweep_args(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> l
 
 def sweep(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(STUDY / "sweep.py"), *sweep_args(tmp, corpus, arms, seeds, *extra)]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)  # 7 arms x 2 seeds
 
 
 def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
