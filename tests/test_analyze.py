@@ -13,6 +13,7 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.analysis import router_entropy
 from moe_variants.analysis.analyze import collect, run
 from moe_variants.model.hf import save_hf
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.checkpoint import CONFIG_KEY
 
 ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=32000, num_experts=4,
@@ -93,7 +94,7 @@ def test_offline_entropy_weighs_every_token_alike():
 
 def test_analyze_hf_mixtral_directory(corpus, tmp_path):
     torch.manual_seed(0)
-    save_hf(Transformer(ModelArgs(**ARGS)), tmp_path / "hf")
+    save_hf(Transformer(ModelArgs(**ARGS), router=TopKRouter), tmp_path / "hf")
     metrics = run(cfg(tmp_path / "hf", corpus, tmp_path / "res", layers=[1]))
     assert metrics["routers"] == ["topk(k=2)"]
     assert 0 <= metrics["layers"][0]["repeat_first"] <= 1

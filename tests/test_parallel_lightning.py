@@ -239,10 +239,11 @@ def test_ep_config_errors(tmp_path):
 
 def test_lit_ep_errors_without_process_group_and_for_sharded_checkpoints(tiny_args):
     from moe_variants import Transformer
+    from moe_variants.routers.topk import TopKRouter
     from moe_variants.training.lit import LitMoE
 
-    lit = LitMoE(Transformer(tiny_args), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3), scheduler=None,
-                 loss_coefficients={}, expert_parallel=2)
+    lit = LitMoE(Transformer(tiny_args, router=TopKRouter), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3),
+                 scheduler=None, loss_coefficients={}, expert_parallel=2)
     with pytest.raises(ValueError, match=r"expert_parallel=2 needs 2 processes under trainer=ddp"):
         lit.configure_model()
 

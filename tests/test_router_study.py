@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.routers.audit import AUDIT_ARGS, synthetic_resources
+from moe_variants.routers.audit import AUDIT_ARGS
 from moe_variants.routers.hash import HashRouter
+from moe_variants.routers.resources import FROM_CHECKPOINT, synthetic_resources
 
 STUDY = REPO_ROOT / "experiments" / "router_study"
 sys.path.insert(0, str(STUDY))
@@ -38,9 +39,9 @@ def write_table(path: Path, n_layers: int = ARGS.n_layers, V: int = ARGS.vocab_s
 
 
 def file_model(path: Path | str | None, resources: bool = True) -> Transformer:
-    ws, res = synthetic_resources(ARGS.vocab_size)
-    return Transformer(ARGS, router=partial(HashRouter, table="file", table_path=None if path is None else str(path)),
-                       word_start_table=ws, resources=res if resources else None)
+    res = synthetic_resources(ARGS.vocab_size) if resources else FROM_CHECKPOINT
+    return Transformer(ARGS, router=partial(HashRouter, table="file", table_path=None if path is None else str(path),
+                                            resources=res))
 
 
 # -- the file table kind ---------------------------------------------------------------------------------------
@@ -116,7 +117,8 @@ def test_study_configs_compose_for_every_arm(arm):
     smoke = _study("router_study_smoke", f"arm={arm}")
     assert (smoke.experiment, smoke.model.dim, smoke.trainer.accelerator, smoke.compile) == \
         ("router_study_smoke", 64, "cpu", False)
-    router = {"topk": "topk.TopKRouter", "span_head": "span.SpanRouter", "span_vocab": "span.SpanRouter"}
+    router = {"topk": "topk.TopKRouter", "span_head": "span.SpanHeadRouter",
+              "span_first_piece": "span_vocab.FirstPieceVocabRouter", "span_prefix": "span_vocab.PrefixVocabRouter"}
     assert gpu.router._target_.endswith(router.get(arm, "hash.HashRouter"))
     if arm == "hash_distilled":
         assert gpu.router.table == "file" and gpu.router.table_path == "runs/router_study/distilled_hash/topk-s2.pt"
@@ -137,7 +139,7 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
                 cfg.model.num_experts_per_tok, cfg.model.num_experts)
     dm = StandinDataModule(seq_len=16, batch_size=2)
     dm.setup("fit")
-    model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
+    model = build_model(cfg, resources=make_resources(dm))
     out = model(torch.randint(0, 300, (2, 16)))
     assert len(out.routing) == cfg.model.n_layers == 2 and model.causal
 
@@ -189,7 +191,7 @@ def sweep_args(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> l
 
 def sweep(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(STUDY / "sweep.py"), *sweep_args(tmp, corpus, arms, seeds, *extra)]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)  # 7 arms x 2 seeds
 
 
 def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:

@@ -29,7 +29,8 @@ from moe_variants.routers.audit import AUDIT_ARGS, audit_model
 from moe_variants.routers.aux_free import AuxFreeRouter, bias_delta
 from moe_variants.routers.balanced import BalancedAssignmentRouter, sinkhorn_plan
 from moe_variants.routers.expert_choice import ExpertChoiceRouter
-from moe_variants.routers.topk import TopKRouter, topk_gate
+from moe_variants.routers.gates import topk_gate
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import check_bias_balancing
 from moe_variants.training.callbacks import RoutingMetrics
 

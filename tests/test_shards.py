@@ -147,8 +147,8 @@ def test_shard_windows_batches_and_token_chunks(large):
         assert torch.equal(ids, torch.from_numpy(np.asarray(w.streams[s].tokens()[a:a + 65], dtype=np.int64)))
     _attach(dm, 0, 3)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels", "domain_ids", "span_start", "doc_start"}
-    assert batch["input_ids"].shape == (4, 64) and batch["span_start"].dtype == torch.bool
+    assert set(batch) == {"input_ids", "labels", "domain_ids", "doc_start"}  # span routers find their own spans
+    assert batch["input_ids"].shape == (4, 64) and batch["doc_start"].dtype == torch.bool
     assert [len(v) for v in dm.val_windows] == [3, 3] and len(dm.val_dataloader()) == 2
     chunks = list(dm.train_token_chunks(windows_per_chunk=50))
     assert torch.equal(torch.cat(chunks), torch.stack([torch.from_numpy(w.raw(i)[0]) for i in range(len(w))]))

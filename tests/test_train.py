@@ -17,6 +17,7 @@ import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
 
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import load_model
 from moe_variants.training.checkpoint import save_atomic
 from moe_variants.training.run import run
@@ -201,6 +202,28 @@ def test_run_dir_in_use_is_refused(tmp_path):
     assert not (tmp_path / ".running").exists()
 
 
+def test_vocabulary_router_run_reports_its_routing_and_reloads_without_the_corpus(tmp_path):
+    """A routing-vocabulary run: the report says what routed the tokens; load_model rebuilds the router from the
+    checkpoint alone (vocabulary, piece kinds and tables are buffers) and routes as the trained model."""
+    cfg = compose_run(tmp_path, "router=span_prefix", "router.vocab_size=256", "router.learned_top=4",
+                      "trainer.max_steps=2")
+    report = run(cfg)
+    shares = report["routing_shares"]
+    assert set(shares) == {"vocab", "bucket", "learned"} and min(shares.values()) > 0
+    assert abs(sum(shares.values()) - 1) < 1e-9 and "the learned gate" in (tmp_path / "report.md").read_text()
+    model, _ = load_model(tmp_path)
+    ids = torch.randint(3, 300, (2, 32))
+    from standin_data import StandinDataModule
+
+    from moe_variants.training.build import build_model, make_resources
+
+    dm = StandinDataModule(seq_len=32, batch_size=4)
+    dm.setup("fit")
+    fresh = build_model(cfg, resources=make_resources(dm))  # the vocabulary of the same (stand-in) corpus
+    for a, b in zip(model(ids).routing, fresh.eval()(ids).routing):
+        assert torch.equal(a.expert_ids, b.expert_ids)
+
+
 def test_load_model_rejects_non_checkpoints(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
@@ -253,7 +276,7 @@ def test_weight_decay_skips_only_norm_gains(tiny_args):
     from moe_variants import Transformer
     from moe_variants.training.lit import LitMoE
 
-    model = Transformer(tiny_args)
+    model = Transformer(tiny_args, router=TopKRouter)
     lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
                  scheduler=None, loss_coefficients={})
     decay, no_decay = lit.configure_optimizers().param_groups

@@ -30,7 +30,8 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.hash import HashRouter
-from moe_variants.routers.span import SpanRouter
+from moe_variants.routers.resources import bind_resources, synthetic_resources
+from moe_variants.routers.span import SpanHeadRouter
 from moe_variants.routers.topk import TopKRouter
 
 
@@ -134,8 +135,8 @@ def hf_model(c: BenchConfig, experts_impl: str):
 
 
 def our_model(c: BenchConfig, router, **args) -> tuple[torch.nn.Module, callable]:
-    model = Transformer(args_for(c, **args), router=router, experts="grouped" if torch.cuda.is_available() else "loop",
-                        word_start_table=torch.rand(c.vocab_size) < 0.4)
+    router = bind_resources(router, synthetic_resources(c.vocab_size))  # random word spans, for span routers
+    model = Transformer(args_for(c, **args), router=router, experts="grouped" if torch.cuda.is_available() else "loop")
 
     def loss_fn(m, ids):
         labels = ids.roll(-1, 1)
@@ -214,7 +215,7 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
     plan += [
         ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
-        ("ours_span", lambda: our_model(c, partial(SpanRouter)), compile_),
+        ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
         ("ours_aux_free", lambda: our_model(c, partial(AuxFreeRouter)), compile_),
         ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.0), compile_),

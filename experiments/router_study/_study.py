@@ -14,7 +14,7 @@ import torch
 
 from moe_variants.paths import REPO_ROOT
 
-ARMS = ("topk", "hash_random", "hash_balanced", "span_head", "span_vocab", "hash_distilled")
+ARMS = ("topk", "hash_random", "hash_balanced", "span_head", "span_first_piece", "span_prefix", "hash_distilled")
 RUN_DIR = re.compile(r"^(?P<arm>[a-z][a-z0-9_]*)-s(?P<seed>\d+)$")  # <arm>-s<seed>, the study's run-dir names
 CONF_DIR = REPO_ROOT / "conf"  # the framework's configs (moe-train's config.yaml)
 STUDY_CONF_DIR = Path(__file__).resolve().parent / "conf"  # the study's own groups: study/ and arm/
@@ -109,10 +109,9 @@ class OnDevice:
         self.layers = model.layers
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 span_start: torch.Tensor | None = None) -> SimpleNamespace:
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
         to = (lambda t: None if t is None else t.to(self.device))  # noqa: E731
-        out = self.model(to(input_ids), labels=to(labels), span_start=to(span_start))
+        out = self.model(to(input_ids), labels=to(labels))
         routing = [SimpleNamespace(expert_ids=r.expert_ids.cpu(),
                                    logits=None if r.logits is None else r.logits.float().cpu()) for r in out.routing]
         loss = None if out.lm_loss is None else out.lm_loss.float().cpu()

@@ -51,7 +51,7 @@ LAYER_METRICS = {  # per-layer routing metric -> label (metrics no run has are l
 RANDOM = "_random"  # <metric>_random: the metric for uniformly random routing of the same tokens (its floor)
 QUESTIONS = {
     "hash": ("hash_random", "hash_balanced", "hash_distilled"),
-    "span": ("span_head", "span_vocab"),
+    "span": ("span_head", "span_first_piece", "span_prefix"),
 }
 
 

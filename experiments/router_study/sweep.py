@@ -60,16 +60,19 @@ def prepare(study: str, overrides: list[str]) -> None:
     only read the caches."""
     from hydra.utils import instantiate
 
+    from moe_variants.routers.spans import SpanDef
     from moe_variants.training.build import make_resources
 
-    cfg = study_config(study, ["arm=span_vocab", *overrides])
+    cfg = study_config(study, overrides)
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     res = make_resources(dm)
     res.token_counts()
-    r = cfg.router
-    res.routing_vocab(int(r.vocab_size), int(r.num_buckets), int(r.max_span_len))
+    for arm, unit in (("span_first_piece", "first_piece"), ("span_prefix", "prefix")):
+        r = study_config(study, [f"arm={arm}", *overrides]).router
+        span = SpanDef(str(r.spans), int(r.span_len))
+        res.routing_vocab(unit, int(r.vocab_size), int(r.get("max_span_len", 1)), span)
 
 
 def main(argv: list[str] | None = None) -> int:

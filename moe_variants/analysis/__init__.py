@@ -5,8 +5,9 @@ live by a training callback and offline), figures (``plots``, matplotlib importe
 (``token_view``) and the ``moe-analyze`` app (``analyze``). Conventions (shapes, masks, document boundaries,
 normalisations) are in :mod:`moe_variants.analysis.metrics`.
 
-May import: torch, numpy, matplotlib; ``analyze`` alone also imports ``model``, ``data`` and
-``training.checkpoint`` (to load checkpoints), Hydra and W&B. ``metrics`` imports nothing of the project.
+May import: torch, numpy, matplotlib; ``analyze`` alone also imports ``model``, ``data``,
+``training.checkpoint`` (to load checkpoints), ``routers`` (the word-span definition, Mixtral's gate for HF
+checkpoints), Hydra and W&B. ``metrics`` imports nothing of the project.
 """
 
 from moe_variants.analysis.metrics import (

@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from moe_variants import analysis as A
 from moe_variants.model.transformer import Transformer
 from moe_variants.paths import CONF_DIR
+from moe_variants.routers.spans import piece_kinds, word_starts
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.checkpoint import nonfinite
 
 
@@ -38,7 +40,7 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
     if p.is_dir() and (p / "config.json").is_file():
         from moe_variants.model.hf import load_hf
 
-        model = load_hf(p).eval()
+        model = load_hf(p, router=TopKRouter).eval()
         bad = nonfinite(model.state_dict().items())
         if bad:
             raise ValueError(f"{p} holds NaN/inf weights ({', '.join(bad[:5])}): it cannot be analysed")
@@ -57,7 +59,7 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
 @torch.no_grad()
 def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[str, Any]:
     """Run every domain's validation loader; keep per-layer expert ids, logits and the batch annotations."""
-    keep: dict[str, list] = {k: [] for k in ("input_ids", "domain_ids", "span_start", "doc_start", "loss")}
+    keep: dict[str, list] = {k: [] for k in ("input_ids", "domain_ids", "doc_start", "loss")}
     experts: list[list[torch.Tensor]] = [[] for _ in model.layers]
     dropped: list[list[torch.Tensor]] = [[] for _ in model.layers]
     entropy: list[list[float]] = [[] for _ in model.layers]  # per layer: [summed token entropies, tokens]
@@ -65,8 +67,8 @@ def collect(model: Transformer, loaders: list, max_batches: int | None) -> dict[
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model(batch["input_ids"], labels=batch["labels"], span_start=batch["span_start"])
-            for k in ("input_ids", "domain_ids", "span_start", "doc_start"):
+            out = model(batch["input_ids"], labels=batch["labels"])
+            for k in ("input_ids", "domain_ids", "doc_start"):
                 keep[k].append(batch[k])
             keep["loss"].append(torch.full((batch["input_ids"].shape[0],), float(out.lm_loss)))
             for layer, r in enumerate(out.routing):
@@ -106,7 +108,8 @@ def analyze(model: Transformer, data: dict[str, Any], domains: list[str], pieces
             view_layers: list[int]) -> dict[str, Any]:
     E, K = model.args.num_experts, model.args.num_experts_per_tok
     D = len(domains)
-    dom, doc, spans, ids = data["domain_ids"], data["doc_start"], data["span_start"], data["input_ids"]
+    dom, doc, ids = data["domain_ids"], data["doc_start"], data["input_ids"]
+    spans = word_starts(ids, piece_kinds(pieces))  # word spans as the span routers define them
     per_layer: list[dict[str, Any]] = []
     loads = {}
     for layer, eids in enumerate(data["expert_ids"]):

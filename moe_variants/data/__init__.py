@@ -15,7 +15,7 @@ _EXPORTS = {
     "build_corpus": "moe_variants.data.build",
     "load_tokenizer": "moe_variants.data.tokenizer",
     "tokenizer_fingerprint": "moe_variants.data.tokenizer",
-    "word_start_table_for": "moe_variants.data.tokenizer",
+    "vocab_pieces": "moe_variants.data.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

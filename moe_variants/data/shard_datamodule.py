@@ -2,7 +2,7 @@
 ``datasets`` source tokenized once into the same format.
 
 Both offer the interface of ``CorpusDataModule`` (batch keys ``input_ids``, ``labels``, ``domain_ids``,
-``span_start``, ``doc_start``; ``vocab_size``, ``domains``, one validation loader per domain,
+``doc_start``; ``vocab_size``, ``domains``, one validation loader per domain,
 ``train_token_chunks``, ``tokenizer_fingerprint``, ``data_fingerprint``) and its resume contract: the training
 stream is ``ResumableSampler`` over the shards' windows, so the stream position is ``global_step x batch_size x
 accumulate_grad_batches x world_size``, exactly. Nothing loads the corpus into memory: windows are read from

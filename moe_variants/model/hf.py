@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_variants.model.args import ModelArgs
+from moe_variants.model.routing import RouterFactory
 from moe_variants.model.transformer import Transformer
 
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
@@ -149,15 +150,26 @@ def load_state_dict_checked(model: Transformer, state: dict[str, torch.Tensor], 
     model.load_state_dict(state)
 
 
-def load_hf(path: str | Path, experts: str = "loop", dtype: torch.dtype | None = None) -> Transformer:
-    """Load an HF Mixtral checkpoint directory into a :class:`Transformer` with Mixtral's top-k routers."""
+def load_hf(
+    path: str | Path, router: RouterFactory, experts: str = "loop", dtype: torch.dtype | None = None
+) -> Transformer:
+    """Load an HF Mixtral checkpoint directory into a :class:`Transformer`.
+
+    ``router`` must build Mixtral's learned top-k gate (``moe_variants.routers.topk.TopKRouter``): HF's
+    ``block_sparse_moe.gate`` weights load into its ``gate``. The model layer never imports a router, so the
+    caller names it.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not an HF checkpoint directory: no config.json")
     args = args_from_hf_config(json.loads(config_file.read_text()))
     with torch.device("meta"):
-        model = Transformer(args, experts=experts)
+        model = Transformer(args, router=router, experts=experts)
+    bad = sorted({type(r).__name__ for r in model.routers if not r.hf_exportable})
+    if bad:
+        raise ValueError(f"an HF Mixtral checkpoint holds Mixtral's learned top-k gate; router {bad[0]} is not it: "
+                         f"pass router=moe_variants.routers.topk.TopKRouter")
     state = _to_ours(_read_tensors(path), args)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -195,8 +207,6 @@ def save_hf(model: Transformer, path: str | Path, bos_token_id: int = 1, eos_tok
     F_ = model.args.hidden_dim
     for name, t in model.state_dict().items():
         t = t.detach().contiguous()
-        if name == "word_start_table":
-            continue
         if name == "tok_embeddings.weight":
             out["model.embed_tokens.weight"] = t
         elif name == "norm.weight":

@@ -4,37 +4,7 @@ The audit builds a small model with the router in every layer and compares forwa
 at every length up to the model's ``max_seq_len``, in training and in evaluation mode, for several seeds (each seed
 its own weights, sequences and cut points). Four checks:
 
-=========  ======================================================================================  ============
-check      what must not change at positions <= t                                                  modes
-=========  ======================================================================================  ============
-suffix     every token after t replaced: by uniform ids over the whole vocabulary, by ids drawn     train, eval
-           with the corpus frequencies, by another real window, and by a frequency draw whose
-           token t+1 is one of the most frequent ids (newline, '.', ',' in real text)
-prefix     the prefix ``ids[:, :t+1]`` run alone, so that no later token exists                     train, eval
-vocab      token t+1 after a fixed prefix set to every id of the vocabulary, one row each           train, eval
-decode     every position decoded with the KV cache (token by token for the first seed, in random   eval
-           chunks for the others) against the full forward: an exhaustive check of every t
-=========  ======================================================================================  ============
-
-Base sequences: real windows of the corpus when the inputs have them, uniform ids over ``0..V-1``, and ids drawn
-with the corpus frequencies. Decisions are expert ids, combine weights and router logits of every layer; outputs
-are the model's. The data side's span starts (``AuditInputs.span_start``), when given, are recomputed from each
-forward's own ids and passed to it, as training does; the decode check compares the cached path (no data-side
-flags, as in generation) with the full forward both without and with them.
-
-Numerics: forwards of different shapes (prefix, decode) can differ by float noise, so weights, logits and outputs
-are compared with a tolerance, and a changed expert choice is excused when the router's logits are unchanged and
-its top-K+1 logits are a near tie (the rest of that row is then not compared). In training mode a router may be
-stochastic (jitter): the suffix and vocab checks then compare forwards of identical shape run from the same RNG
-seed, row by row; the prefix check, which cannot align the noise, is skipped with a note. A router that is not
-deterministic in evaluation mode fails: it cannot be audited and generation would not be reproducible.
-
-The audit model's LM head is 4 outputs wide instead of V: the head is position-wise, so it cannot look ahead, and 4
-random projections of the final hidden state show any change of it; a V-wide head would cost most of the audit.
-
-Run it on any router config with ``moe-audit`` (``moe_variants.training.audit``), which adds the real tokenizer,
-the corpus's validation windows and the data side's span starts.
-"""
+=========  ======================================================================================  ====="""
 
 from __future__ import annotations
 
@@ -48,7 +18,8 @@ from torch import nn
 from moe_variants.model.args import ModelArgs
 from moe_variants.model.routing import RouterFactory
 from moe_variants.model.transformer import ModelOutput, Transformer
-from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers import spans
+from moe_variants.routers.resources import RoutingResources, bind_resources
 
 HEAD_OUTPUTS = 4  # width of the audit model's LM head (module docstring)
 ATOL, RTOL = 1e-5, 1e-4  # float tolerance of weights, logits and outputs
@@ -72,11 +43,13 @@ class AuditInputs:
     """What the audit feeds the model besides the router.
 
     Attributes:
-        word_start_table: (V,) bool, the tokenizer's word-start table (routers with word spans read it).
+        word_start_table: (V,) bool, True for pieces that open a word (``spans.WORD`` pieces: they carry the
+            tokenizer's word marker); derived from the resources' piece kinds, for cheating routers in tests.
         token_counts: (V,) float64 corpus count of every id: sequences drawn with these frequencies put frequent
             ids (newline, '.', ',') where a router may peek, and the most frequent ids are forced at t+1.
         windows: (N, S') int64 real token windows (e.g. the corpus's validation split), or None.
-        span_start: the data side's span-start flags, ``(B, S) ids -> (B, S) bool``; None when it has none.
+        span_start: span-start flags passed to the forward, ``(B, S) ids -> (B, S) bool``; None: routers compute
+            their own spans from the token ids (the data side provides none).
         resources: what routers read when they are built (corpus statistics, ``routers.resources``).
         source: where the inputs come from, for the report.
         notes: what the inputs lack and why (printed with the result).
@@ -105,22 +78,17 @@ def zipf_counts(vocab_size: int, seed: int = 0, tokens: int = 400_000, exponent:
     return counts
 
 
-def synthetic_inputs(vocab_size: int, seed: int = 0, word_start_table: torch.Tensor | None = None) -> AuditInputs:
-    """Inputs without a corpus: a random word-start table (unless given), Zipf counts, and routing resources
-    computed from a corpus drawn with those counts."""
+def synthetic_inputs(vocab_size: int, seed: int = 0, kinds: torch.Tensor | None = None) -> AuditInputs:
+    """Inputs without a corpus: random piece kinds (unless given; about 2.5 pieces per word, some punctuation), Zipf
+    counts, and routing resources computed from a corpus drawn with those counts."""
     g = torch.Generator().manual_seed(seed)
-    if word_start_table is None:
-        word_start_table = torch.rand(vocab_size, generator=g) < 0.4  # ~2.5 tokens per word, like real text
+    if kinds is None:
+        kinds = torch.where(torch.rand(vocab_size, generator=g) < 0.4, spans.WORD, spans.CONT).to(torch.int8)
+        kinds[torch.rand(vocab_size, generator=g) < 0.1] = spans.PUNCT
     counts = zipf_counts(vocab_size, seed)
     corpus = torch.multinomial(counts, 64 * 128, replacement=True, generator=g).view(64, 128)
-    resources = RoutingResources(lambda: [corpus], vocab_size, word_start_table, "synthetic-audit")
-    return AuditInputs(word_start_table, counts, resources=resources, source="synthetic")
-
-
-def synthetic_resources(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, RoutingResources]:
-    """(word-start table, routing resources) of :func:`synthetic_inputs`, for tests that build their own model."""
-    inputs = synthetic_inputs(vocab_size, seed)
-    return inputs.word_start_table, inputs.resources
+    resources = RoutingResources(lambda: [corpus], kinds, "synthetic-audit")
+    return AuditInputs(kinds == spans.WORD, counts, resources=resources, source="synthetic")
 
 
 # -- result ---------------------------------------------------------------------------------------------------------
@@ -201,8 +169,9 @@ class Decisions:
 def forward(model: Transformer, ids: torch.Tensor, span_start: Callable | None, rng_seed: int) -> Decisions:
     """One forward from a fixed RNG state (a stochastic router draws the same noise for the same shapes)."""
     torch.manual_seed(rng_seed)
-    kw = {} if span_start is None else {"span_start": span_start(ids)}
-    return Decisions.of(model(ids, **kw))
+    if span_start is not None:
+        raise ValueError("the model computes span starts from the token ids itself: pass span_start=None")
+    return Decisions.of(model(ids))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -398,8 +367,8 @@ def decode_check(s: _Setup, run: CheckRun, token_by_token: bool) -> None:
     fulls = [("full forward", None)]
     if s.inputs.span_start is not None:
         fulls.append(("full forward with the data side's span starts", s.inputs.span_start))
-    for label, spans in fulls:
-        full = forward(s.model, s.base, spans, s.seed)
+    for label, span_start in fulls:
+        full = forward(s.model, s.base, span_start, s.seed)
         where = lambda r, p, label=label: f"position {p} ({s.base_labels[r]}, decoded {how} vs {label})"  # noqa: E731
         compared, bad = compare(full, decoded, torch.full((B,), S - 1), where)
         run.compared += compared
@@ -417,10 +386,10 @@ def is_stochastic(model: Transformer, base: torch.Tensor, span_start: Callable |
 def audit_model_for(router: RouterFactory, args: ModelArgs, inputs: AuditInputs, seed: int) -> Transformer:
     """The audited model: ``router`` in every layer, weights from ``seed``, a 4-wide LM head (module docstring).
 
-    The one place that knows how routers receive the tokenizer's word-start table and corpus statistics.
+    The one place that knows how routers receive the tokenizer's piece kinds and corpus statistics.
     """
     torch.manual_seed(seed)
-    model = Transformer(args, router=router, word_start_table=inputs.word_start_table, resources=inputs.resources)
+    model = Transformer(args, router=bind_resources(router, inputs.resources))
     model.output = nn.Linear(args.dim, HEAD_OUTPUTS, bias=False)
     nn.init.normal_(model.output.weight, std=1.0)
     return model

@@ -1,7 +1,7 @@
 """``moe-audit``: the look-ahead audit (:mod:`moe_variants.routers.audit`) of any router config, on real text.
 
-    moe-audit router=span router.decision=routing_vocab
-    moe-audit router=span router.decision=whole_word router.allow_lookahead=true   # FAIL: it looks ahead
+    moe-audit router=span_prefix
+    moe-audit router=span_whole_word router.allow_lookahead=true   # FAIL: it looks ahead
     moe-audit router=hash router.table=bigram seeds=4
 
 The router config is composed by Hydra (``conf/audit.yaml``: the ``router`` group plus the audit's settings) and
@@ -23,10 +23,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from moe_variants.data.datamodule import Collate
-from moe_variants.data.tokenizer import bos_id, load_tokenizer, tokenizer_fingerprint, word_start_table_for
+from moe_variants.data.tokenizer import (
+    bos_id,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_fingerprint,
+    vocab_pieces,
+)
 from moe_variants.model.args import ModelArgs
 from moe_variants.paths import CONF_DIR, REPO_ROOT
+from moe_variants.routers import spans
 from moe_variants.routers.audit import AUDIT_MODEL, AuditInputs, audit, zipf_counts
 from moe_variants.routers.resources import RoutingResources, count_tokens
 
@@ -63,12 +69,9 @@ def corpus_inputs(tokenizer_name: str, corpus_dir: str, seq_len: int, per_domain
     """Audit inputs from the real tokenizer and, when it is built, the corpus's validation split (cached per
     process: the router tests audit many configs with the same inputs)."""
     tok = load_tokenizer(tokenizer_name, corpus_dir=corpus_dir if tokenizer_name.startswith("bpe:") else None)
-    table = word_start_table_for(tok)
-    V = table.numel()
-    collate = Collate(table)
-    flags = collate([{"input_ids": torch.zeros(2, dtype=torch.int64)}]).get("span_start")
-    span_start = None if flags is None else (lambda ids: collate([{"input_ids": r} for r in ids])["span_start"])
-    notes = [] if span_start is not None else ["the data side provides no span starts: that part is not audited"]
+    kinds = spans.piece_kinds(vocab_pieces(tok), special_token_ids(tok))
+    V = kinds.numel()
+    notes: list[str] = []  # span routers compute their spans from the ids: the data side provides no span starts
     try:
         windows, counts = validation_windows(Path(corpus_dir), tok, seq_len, per_domain)
         source = f"{tokenizer_name} tokenizer, {len(windows)} validation windows of {corpus_dir}"
@@ -78,8 +81,8 @@ def corpus_inputs(tokenizer_name: str, corpus_dir: str, seq_len: int, per_domain
         notes.append(f"no corpus at {corpus_dir} (build it with `moe-data`): the real-text part is skipped; base "
                      "sequences are uniform ids over the vocabulary and draws from Zipf counts")
     corpus = windows if windows is not None else torch.multinomial(counts, 64 * seq_len, replacement=True).view(64, -1)
-    resources = RoutingResources(lambda: [corpus], V, table, tokenizer_fingerprint(tok))
-    return AuditInputs(table, counts, windows, span_start, resources, source, notes)
+    resources = RoutingResources(lambda: [corpus], kinds, tokenizer_fingerprint(tok))
+    return AuditInputs(kinds == spans.WORD, counts, windows, None, resources, source, notes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
@@ -32,7 +31,7 @@ from moe_variants.model.args import ModelArgs
 from moe_variants.model.transformer import Transformer
 from moe_variants.parallel.expert_parallel import local_expert_range
 from moe_variants.routers.aux_free import AuxFreeRouter
-from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers.resources import FROM_CHECKPOINT, RoutingResources, bind_resources
 from moe_variants.training.callbacks import BiasBalancing
 from moe_variants.training.checkpoint import (
     CONFIG_KEY,
@@ -59,14 +58,16 @@ def model_args(cfg: DictConfig) -> ModelArgs:
     return ModelArgs.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def build_model(
-    cfg: DictConfig, word_start_table: torch.Tensor | None = None, resources: Any = None
-) -> Transformer:
-    """The Transformer of ``cfg.model`` with the router of ``cfg.router`` and experts ``cfg.experts.impl``."""
-    router = instantiate(cfg.router)
+def build_model(cfg: DictConfig, resources: Any = None) -> Transformer:
+    """The Transformer of ``cfg.model`` with the router of ``cfg.router`` and experts ``cfg.experts.impl``.
+
+    ``resources`` (tokenizer and corpus statistics, :func:`make_resources`; ``FROM_CHECKPOINT`` to load a checkpoint)
+    reach the routers that declare ``needs_resources``; other routers are built from their config alone.
+    """
+    router = bind_resources(instantiate(cfg.router), resources)
     return Transformer(
-        model_args(cfg), router=router, experts=cfg.experts.impl, word_start_table=word_start_table,
-        resources=resources, activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+        model_args(cfg), router=router, experts=cfg.experts.impl,
+        activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
     )
 
 
@@ -75,15 +76,15 @@ def load_model(
 ) -> tuple[Transformer, DictConfig]:
     """Rebuild the trained model from a checkpoint file (or a run dir: its ``checkpoints/last.ckpt``).
 
-    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with ``resources=None``;
-    their corpus-derived tables are buffers and come from the state dict.
+    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with
+    ``resources=FROM_CHECKPOINT``: their tokenizer- and corpus-derived tables are buffers and come from the state
+    dict, so no corpus is needed.
     """
     ckpt = read_checkpoint(path, map_location)
     cfg = OmegaConf.create(ckpt[CONFIG_KEY])
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # tolerate a torch.compile'd wrapper
-    table = state.get("word_start_table")
-    model = build_model(cfg, word_start_table=None if table is None else torch.zeros_like(table), resources=None)
+    model = build_model(cfg, resources=FROM_CHECKPOINT)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -445,7 +446,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
     resources = make_resources(datamodule)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # model init independent of what data setup consumed
-    model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
+    model = build_model(cfg, resources=resources)
     if cfg.get("compile"):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"]) + swept_tags(cfg)

@@ -1,6 +1,6 @@
 """The end-of-run report (``report.md`` + ``report.json`` in the run dir): validation loss per domain against the
-corpus unigram entropy, steady-state throughput and MFU, where the time went, where the W&B run and the checkpoint
-are. It is handed what it reports, nothing more."""
+corpus unigram entropy, steady-state throughput and MFU, where the time went, what routed the tokens of a
+routing-vocabulary router, where the W&B run and the checkpoint are. It is handed what it reports, nothing more."""
 
 from __future__ import annotations
 
@@ -29,6 +29,19 @@ def train_token_counts(datamodule: Any, vocab_size: int, resources: Any = None) 
     return count_tokens(datamodule.train_token_chunks(), vocab_size)
 
 
+def vocab_routing_shares(model: Any, datamodule: Any, batches_per_domain: int = 4) -> dict[str, float] | None:
+    """For a routing-vocabulary router: the share of validation tokens routed by a vocabulary entry, by a hashed
+    bucket and by the learned gate (first batches of every domain; the vocabulary is the same in every layer).
+    None for routers without a vocabulary."""
+    router = next((r for r in model.routers if hasattr(r, "routing_shares")), None)
+    if router is None:
+        return None
+    loaders = datamodule.val_dataloader()
+    ids = [b["input_ids"] for loader in (loaders if isinstance(loaders, list) else [loaders])
+           for _, b in zip(range(batches_per_domain), loader)]
+    return router.routing_shares(torch.cat(ids)) if ids else None
+
+
 def wandb_run_dir(trainer: Any) -> str | None:
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
@@ -44,6 +57,7 @@ def make_report(
     throughput: dict[str, Any],
     checkpoint_seconds: float,
     wall_seconds: float,
+    routing_shares: dict[str, float] | None = None,
     steps: int,
     name: str | None,
     experiment: str | None,
@@ -86,6 +100,7 @@ def make_report(
         "unigram_entropy": h_unigram,
         "train_tokens_counted": int(train_token_counts.sum()),
         "beats_unigram": bool(val_loss < h_unigram),
+        "routing_shares": routing_shares,
         "train_tokens": t["tokens"],
         "tokens_per_s": t["tokens_per_s"],  # steady state: see "throughput"
         "mfu": t["mfu"],
@@ -139,6 +154,9 @@ def write_report(report: dict[str, Any], run_dir: Path) -> str:
         f"nats/token. The model {'beats' if r['beats_unigram'] else 'does NOT beat'} it "
         f"({r['val_loss'] - r['unigram_entropy']:+.4f}).",
         "",
+        *([f"Routing-vocabulary router, validation tokens routed by: a vocabulary entry "
+           f"{100 * r['routing_shares']['vocab']:.1f}%, a hashed bucket {100 * r['routing_shares']['bucket']:.1f}%, "
+           f"the learned gate {100 * r['routing_shares']['learned']:.1f}%.", ""] if r.get("routing_shares") else []),
         f"- W&B run: {r['wandb_run_dir']} (to upload an offline run: `wandb sync {r['wandb_run_dir']}`)"
         if r["wandb_run_dir"] else "- W&B run: none (no W&B logger)",
         f"- checkpoint: {r['checkpoint']}",

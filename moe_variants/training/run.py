@@ -23,7 +23,13 @@ from moe_variants.training.build import Run, build
 from moe_variants.training.console import log_through_root
 from moe_variants.training.dashboard import report_to_wandb
 from moe_variants.training.interrupt import Interrupted
-from moe_variants.training.report import make_report, train_token_counts, wandb_run_dir, write_report
+from moe_variants.training.report import (
+    make_report,
+    train_token_counts,
+    vocab_routing_shares,
+    wandb_run_dir,
+    write_report,
+)
 from moe_variants.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -78,7 +84,8 @@ def report_of(r: Run, val: dict[str, float], wall_seconds: float) -> dict[str, A
         model=r.model, val_metrics=val,
         train_token_counts=train_token_counts(r.datamodule, r.model.args.vocab_size, r.resources),
         throughput=throughput.summary(), checkpoint_seconds=Throughput.checkpoint_seconds(r.trainer),
-        wall_seconds=wall_seconds, steps=r.trainer.global_step, name=r.config.get("name"),
+        wall_seconds=wall_seconds, routing_shares=vocab_routing_shares(r.model, r.datamodule),
+        steps=r.trainer.global_step, name=r.config.get("name"),
         experiment=r.config.get("experiment"), tags=r.tags, run_dir=r.run_dir,
         checkpoint=(ckpt_cb.last_model_path or None) if ckpt_cb is not None else None,
         wandb_run_dir=wandb_run_dir(r.trainer),
