@@ -75,7 +75,7 @@ def test_analyze_our_checkpoint_writes_every_file(corpus, tmp_path):
 def test_offline_entropy_weighs_every_token_alike():
     """Batches of 1 and 3 sequences: the entropy is the mean over all 4 x 16 tokens, not the mean of batch means."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**ARGS)).eval()
+    model = Transformer(ModelArgs(**ARGS), router=TopKRouter).eval()
     ids = torch.randint(0, 32000, (4, 16))
 
     def batch(rows):

@@ -25,7 +25,7 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.model.experts import GroupedExperts, LocalDispatcher, LoopExperts, expert_capacity, over_capacity
 from moe_variants.model.hf import save_hf
 from moe_variants.model.routing import LayerSpec, RoutingContext
-from moe_variants.routers.audit import AUDIT_ARGS, audit_model
+from moe_variants.routers.audit import AUDIT_ARGS, audit, synthetic_inputs
 from moe_variants.routers.aux_free import AuxFreeRouter, bias_delta
 from moe_variants.routers.balanced import BalancedAssignmentRouter, sinkhorn_plan
 from moe_variants.routers.expert_choice import ExpertChoiceRouter
@@ -127,14 +127,14 @@ def test_aux_free_router_needs_the_bias_callback():
     model = Transformer(tiny(), router=AuxFreeRouter)
     with pytest.raises(ValueError, match="callbacks.bias_balancing"):
         check_bias_balancing(model, [])
-    check_bias_balancing(Transformer(tiny()), [])  # other routers do not need it
+    check_bias_balancing(Transformer(tiny(), router=TopKRouter), [])  # other routers do not need it
 
 
 # -- shared experts -----------------------------------------------------------------------------------------
 def test_shared_experts_equal_a_dense_swiglu_of_the_same_width():
     torch.manual_seed(0)
     args = tiny(n_layers=1, num_shared_experts=2, shared_hidden_dim=24)
-    moe = Transformer(args).layers[0].feed_forward
+    moe = Transformer(args, router=TopKRouter).layers[0].feed_forward
     with torch.no_grad():
         moe.experts.w2.zero_()  # the routed experts add nothing
     x = torch.randn(2, 7, args.dim)
@@ -146,7 +146,7 @@ def test_shared_experts_equal_a_dense_swiglu_of_the_same_width():
     halves = sum(F.linear(F.silu(F.linear(x, w1[h])) * F.linear(x, w3[h]), w2[:, h])
                  for h in (slice(0, 24), slice(24, 48)))
     torch.testing.assert_close(y, halves)
-    params = Transformer(args).num_params()
+    params = Transformer(args, router=TopKRouter).num_params()
     assert params["total"] - params["active"] == moe.experts.w13.numel() // 4 * 3 + moe.experts.w2.numel() // 4 * 3
 
 
@@ -203,14 +203,15 @@ def test_dropped_copies_add_nothing_and_loop_equals_grouped(seed):
 
 def test_capacity_in_the_model_is_causal_and_large_capacity_is_dropless():
     torch.manual_seed(0)
-    model = Transformer(tiny(capacity_factor=1.0))
+    model = Transformer(tiny(capacity_factor=1.0), router=TopKRouter)
     ids = torch.randint(0, 512, (3, 20))
     out = model(ids)
     assert all(r.dropped is not None and r.dropped.any() for r in out.routing)
-    assert audit_model(model, trials=8).passed  # position-major priority: no copy dropped because of a later token
-    roomy = Transformer(tiny(capacity_factor=8.0))  # capacity >= every copy: nothing dropped
+    args = tiny(capacity_factor=1.0)  # position-major priority: no copy dropped because of a later token
+    assert audit(TopKRouter, args, synthetic_inputs(args.vocab_size), seeds=1).passed
+    roomy = Transformer(tiny(capacity_factor=8.0), router=TopKRouter)  # capacity >= every copy: nothing dropped
     roomy.load_state_dict(model.state_dict())
-    dropless = Transformer(tiny())
+    dropless = Transformer(tiny(), router=TopKRouter)
     dropless.load_state_dict(model.state_dict())
     torch.testing.assert_close(roomy(ids).logits, dropless(ids).logits)
     assert not any(r.dropped.any() for r in roomy(ids).routing)
