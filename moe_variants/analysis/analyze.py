@@ -24,13 +24,18 @@ from typing import Any
 
 import hydra
 import torch
+import wandb
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moe_variants import analysis as A
+from moe_variants.data.datamodule import CorpusDataModule
+from moe_variants.model.hf import load_hf
 from moe_variants.model.transformer import Transformer
 from moe_variants.paths import CONF_DIR
 from moe_variants.routers.spans import piece_kinds, word_starts
 from moe_variants.routers.topk import TopKRouter
+from moe_variants.training.build import load_model
 from moe_variants.training.checkpoint import nonfinite
 
 
@@ -38,8 +43,6 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
     """Our checkpoint (file or run dir) or an HF Mixtral directory -> (model, data settings)."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():
-        from moe_variants.model.hf import load_hf
-
         model = load_hf(p, router=TopKRouter).eval()
         bad = nonfinite(model.state_dict().items())
         if bad:
@@ -47,8 +50,6 @@ def load_any(path: str) -> tuple[Transformer, dict[str, Any]]:
         return model, {"tokenizer": "mixtral", "source": "hf"}
     if not p.exists():
         raise FileNotFoundError(f"ckpt={path} does not exist: give a .ckpt file, a run dir or an HF Mixtral dir")
-    from moe_variants.training.build import load_model
-
     model, cfg = load_model(p)
     data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
     return model, {"tokenizer": data.get("tokenizer", "mixtral"), "seq_len": data.get("seq_len"), "source": "ours",
@@ -215,14 +216,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bad = [layer for layer in view if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-    from moe_variants.data.datamodule import CorpusDataModule
-
     common = dict(tokenizer=info["tokenizer"], seq_len=cfg.seq_len or info.get("seq_len") or 256,
                   batch_size=cfg.batch_size, domains=list(cfg.domains) if cfg.domains else None,
                   val_sequences_per_domain=cfg.sequences_per_domain)
     if cfg.get("data"):  # a data config (conf/data/*.yaml) instead of the embedded corpus: data=datasets ...
-        from hydra.utils import instantiate
-
         dm = instantiate(cfg.data, **common)
     else:
         dm = CorpusDataModule(corpus_dir=cfg.corpus_dir, **common)
@@ -277,8 +274,6 @@ def wandb_settings(run_config: dict[str, Any] | None, name: str, cfg: DictConfig
 def log_wandb(metrics: dict, out: Path, settings: dict[str, Any]) -> None:
     """One W&B run (in ``out/wandb``): Table 5, the figures and token view, per-layer metrics on a ``layer/layer``
     axis, and layer means in the summary (``analysis/<metric>``) for the runs table."""
-    import wandb
-
     run = wandb.init(dir=str(out), **settings)
     with open(out / "table5.csv") as f:
         rows = list(csv.reader(f))
