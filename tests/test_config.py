@@ -180,3 +180,9 @@ def test_config_errors_surface_before_training(overrides, match, tmp_path, monke
     cfg = compose_cfg(["data.seq_len=32", *overrides], tmp_path)
     with pytest.raises(ValueError, match=match):
         run(cfg)
+
+
+def test_a_study_without_its_search_path_is_refused(tmp_path):
+    cfg = compose_cfg(["+study=router_study"], tmp_path)  # no study conf on the search path: a plain string
+    with pytest.raises(ValueError, match="hydra.searchpath=\\[file://experiments/router_study/conf\\]"):
+        check_config(cfg)

@@ -138,6 +138,11 @@ def swept_tags(cfg: DictConfig) -> list[str]:
 # -- checks --------------------------------------------------------------------------------------------------
 def check_config(cfg: DictConfig) -> ModelArgs:
     """Checks that need no data: model args valid (incl. top-k <= E), sequence length fits the model."""
+    if isinstance(cfg.get("study"), str):  # `+study=<name>` without the study's conf/ on the search path
+        raise ValueError(
+            f"study={cfg.study} is a plain value, not a config: a study's configs live in experiments/<study>/conf/; "
+            f"add 'hydra.searchpath=[file://experiments/{cfg.study}/conf]' (see experiments/{cfg.study}/README.md)"
+        )
     try:
         args = model_args(cfg)
     except (ValueError, TypeError) as e:
