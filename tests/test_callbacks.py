@@ -33,7 +33,7 @@ def test_routing_metrics_describe_the_logged_step(tmp_path, every=3, accumulate=
                  f"trainer.log_every_n_steps={every}", f"++trainer.accumulate_grad_batches={accumulate}",
                  "trainer.val_check_interval=100", "scheduler.warmup_steps=1", "report=false",
                  "callbacks.checkpoint.every_n_train_steps=100", "router._target_=step_router.StepRouter",
-                 "~router.jitter_eps"]
+                 "~router.jitter_eps", "~router.score_func", "~router.renormalize"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         run(compose("config", overrides=overrides))
     loads = logged_loads(tmp_path)
