@@ -125,6 +125,8 @@ def test_lookahead_audit_passes_for_causal_routers(name, overrides):
 def test_lookahead_router_configs_refuse_and_fail_the_audit(name):
     with pytest.raises(ValueError, match="allow_lookahead=true"):
         build(name, {})
+    with pytest.raises(ValueError, match="allow_lookahead=true"):  # the refusal comes first, even without resources
+        Transformer(ModelArgs(**AUDIT_ARGS), router=router_factory(name, {}))
     result = audit_router(router_factory(name, LOOKAHEAD), ModelArgs(**AUDIT_ARGS))
     assert not result.passed  # proves the audit can fail
     assert not build(name, LOOKAHEAD).causal
