@@ -120,6 +120,8 @@ def test_router_rebuilds_from_a_checkpoint_without_the_corpus(name, overrides):
 def test_lookahead_router_configs_refuse_and_are_labelled(name):
     with pytest.raises(ValueError, match="allow_lookahead=true"):
         build(name, {})
+    with pytest.raises(ValueError, match="allow_lookahead=true"):  # the refusal comes first, even without resources
+        Transformer(ModelArgs(**AUDIT_ARGS), router=router_factory(name, {}))
     assert not build(name, LOOKAHEAD).causal
 
 

@@ -61,15 +61,16 @@ class VocabRouter(Router):
         if not 0 <= learned_top <= vocab_size or vocab_size < 1 or num_buckets < 1 or max_span_len < 1:
             raise ValueError(f"need vocab_size >= 1, num_buckets >= 1, max_span_len >= 1 and 0 <= learned_top <= "
                              f"vocab_size; got {vocab_size}, {num_buckets}, {max_span_len}, {learned_top}")
-        span = SpanDef(spans, span_len)
-        self.spans = Spans(span, word_span_kinds(span, resources, spec.vocab_size))
+        self.span = SpanDef(spans, span_len)
         self.vocab_size, self.max_span_len, self.num_buckets, self.learned_top, self.weights_kind = (
             vocab_size, max_span_len, num_buckets, learned_top, weights)
-        self.refuse_lookahead(allow_lookahead)  # before the (costly) vocabulary
+        self.refuse_lookahead(allow_lookahead)  # first: before anything needs resources or builds a vocabulary
+        self.spans = Spans(self.span, word_span_kinds(self.span, resources, spec.vocab_size))
         self.tokenizer_fingerprint = ""
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            vocab = require(resources, "a routing vocabulary").routing_vocab(self.unit, vocab_size, max_span_len, span)
+            vocab = require(resources, "a routing vocabulary").routing_vocab(self.unit, vocab_size, max_span_len,
+                                                                             self.span)
             self.tokenizer_fingerprint = vocab.tokenizer_fingerprint
             return torch.stack([vocab.hashes, vocab.ranks])
 
@@ -138,7 +139,7 @@ class VocabRouter(Router):
         return {"vocab": (rid.numel() - learned - bucket) / n, "bucket": bucket / n, "learned": learned / n}
 
     def describe(self) -> str:
-        return (f"{self.label}(spans={self.spans.span.describe()}, vocab={self.vocab_size}, "
+        return (f"{self.label}(spans={self.span.describe()}, vocab={self.vocab_size}, "
                 f"learned_top={self.learned_top}, weights={self.weights_kind}, k={self.top_k})")
 
     label = "span_vocab"
