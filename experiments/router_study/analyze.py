@@ -187,13 +187,13 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
 def run_plots(out: Path) -> list[Path]:
     """Redraw moe-analyze's figures of every ``out/runs/<name>/`` (load per domain, load heatmap, repeat rates)
     from its ``metrics.json``, as ``analyse_run`` drew them: git keeps the numbers, not the 3 MB of pictures."""
-    from moe_variants.analysis import plot_load_heatmap, plot_load_per_domain, plot_repeat_rates
+    from moe_variants.analysis import paper_layers, plot_load_heatmap, plot_load_per_domain, plot_repeat_rates
 
     done = []
     for path in sorted((out / "runs").glob("*/metrics.json")):
         m = json.loads(path.read_text())
         layers, domains, rdir = m["layers"], m["domains"], path.parent
-        view = sorted({0, len(layers) // 2, len(layers) - 1})  # the layers analyse_run shows
+        view = paper_layers(len(layers))  # the layers analyse_run shows
         plot_load_per_domain({i: [layers[i]["expert_load_per_domain"][d] for d in domains] for i in view}, domains,
                              rdir / "load_per_domain.png")
         plot_load_heatmap([p["expert_load"] for p in layers], rdir / "load_heatmap.png")
