@@ -82,6 +82,11 @@ def args_for(c: BenchConfig, **kw) -> ModelArgs:
     return ModelArgs(**{**base, **kw})
 
 
+def capacity(factor: float) -> dict:
+    """Capacity dropping (it looks ahead across the batch, so it builds only when allowed)."""
+    return dict(capacity_factor=factor, allow_lookahead=True)
+
+
 def fine_grained(c: BenchConfig, shared: int = 0) -> dict:
     """4x the experts, each 4x narrower, top-4K (DeepSeekMoE segmentation): the same active expert width per
     token, ``shared`` of it in always-active shared experts."""
@@ -218,8 +223,8 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
         ("ours_aux_free", lambda: our_model(c, partial(AuxFreeRouter)), compile_),
-        ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.0), compile_),
-        ("ours_topk_capacity1.25", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.25), compile_),
+        ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), **capacity(1.0)), compile_),
+        ("ours_topk_capacity1.25", lambda: our_model(c, partial(TopKRouter), **capacity(1.25)), compile_),
         ("ours_fine_grained", lambda: our_model(c, partial(TopKRouter), **fine_grained(c)), compile_),
         ("ours_fine_grained_shared2", lambda: our_model(c, partial(TopKRouter), **fine_grained(c, shared=2)),
          compile_),

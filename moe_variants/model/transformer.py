@@ -263,8 +263,8 @@ class Transformer(nn.Module):
 
     @property
     def causal(self) -> bool:
-        """False when any router looks ahead (such a run must be labelled non-causal)."""
-        return all(r.causal for r in self.routers)
+        """False when any router looks ahead, or capacity dropping does (such a run must be labelled non-causal)."""
+        return all(r.causal for r in self.routers) and self.args.capacity_factor is None
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables, e.g. after ``to_empty`` from the meta device."""
