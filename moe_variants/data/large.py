@@ -72,7 +72,7 @@ def archive_sha(pin: Pin, raw: Path) -> str:
         return _h(f"{pin.name}-{pin.version}-{pin.per_module}".encode())
     files = [pin.archive(raw) if pin.registry != "deb" else find_deb_file(raw, pin.name, pin.version)]
     files += [find_deb_file(raw, *spec.split("=", 1)) for spec in pin.needs]
-    return "+".join(shards.sha256_file(f)[:32] for f in files) if all(f.is_file() for f in files) else ""
+    return "+".join(shards.sha256_file(f) for f in files) if all(f.is_file() for f in files) else ""
 
 
 # ---------------------------------------------------------------- worker side
