@@ -48,7 +48,7 @@ DEFAULT_TARGET = 320_000_000
 DEFAULT_VAL_TOKENS = 1_000_000  # per domain
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens = 32 MiB per shard
 PACK_SEED = 20240229
-EXTRACT_VERSION = "x3"  # bump when extraction output changes (invalidates the docs cache)
+EXTRACT_VERSION = "x4"  # bump when extraction output changes (invalidates the docs cache)
 TOKENIZE_VERSION = "t2"
 BUDGET_MARGIN = 1.15  # tokenize this much more than the plan needs: duplicates are removed afterwards
 SAMPLE_BYTES = 200_000
