@@ -79,6 +79,25 @@ def test_pin_list_parses_and_is_pinned():
         assert {p.split for p in pins if p.domain == d} == {"train", "validation"}, d
 
 
+def test_html_and_man_page_text():
+    from moe_variants.data.extract import html_to_text, troff_to_text, usable
+
+    page = ("<html><head><title>t</title><script>var x;</script></head><body>"
+            '<div class="related" role="navigation"><a href="#">index</a></div>'
+            '<div class="sphinxsidebar"><p>search</p></div>'
+            '<div class="body" role="main"><h1>Title</h1><p>First &amp; <b>bold</b> paragraph.</p>'
+            "<pre>  code\n    indented</pre><ul><li>one</li><li>two</li></ul></div>"
+            '<div class="footer">footer text</div></body></html>')
+    text = html_to_text(page)
+    assert text.startswith("# Title") and "First & bold paragraph." in text and "  code\n    indented" in text
+    assert text.endswith("one\n\ntwo") and not any(w in text for w in ("index", "search", "var x", "footer"))
+    # a page without a main region: everything outside skipped elements, after a navigation block closes
+    assert html_to_text('<body><nav><a>menu</a></nav><p>Body text.</p></body>') == "Body text."
+    man = '.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH SYNOPSIS\n.B ls\n[\\fIOPTION\\fR]...\n'
+    assert troff_to_text(man) == "LS 1\n\nNAME\nls - list directory contents\n\nSYNOPSIS\nls\n[OPTION]..."
+    assert not usable("x" * 5000) and not usable("a\x00b") and usable("a line\nanother line")
+
+
 def test_minhash_finds_near_duplicates():
     rng = np.random.default_rng(0)
     a = rng.integers(3, 32000, 600)

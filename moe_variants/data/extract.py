@@ -44,7 +44,7 @@ class _HTMLText(HTMLParser):
         self.skip = 0
         self.pre = 0
         self.main_depth = 0  # > 0 while inside the main region
-        self.stack: list[str] = []
+        self.stack: list[tuple[str, bool]] = []  # (tag, whether it opened a skipped region)
 
     def handle_starttag(self, tag, attrs):  # noqa: ANN001
         if tag in self.VOID:
@@ -52,12 +52,14 @@ class _HTMLText(HTMLParser):
                 self._emit("\n")
             return
         a = dict(attrs)
-        self.stack.append(tag)
+        classes = (a.get("class") or "").split()
+        skipped = tag in self.SKIP or "sphinxsidebar" in classes or "related" in classes
+        self.stack.append((tag, skipped))
         if self.main_depth:
             self.main_depth += 1
         elif tag in ("main", "article") or a.get("role") == "main" or a.get("itemprop") == "articleBody":
             self.main_depth = 1
-        if tag in self.SKIP or "sphinxsidebar" in (a.get("class") or "") or "related" == (a.get("class") or ""):
+        if skipped:
             self.skip += 1
         if tag == "pre":
             self.pre += 1
@@ -67,12 +69,12 @@ class _HTMLText(HTMLParser):
             self._emit("#" * int(tag[1]) + " ")
 
     def handle_endtag(self, tag):  # noqa: ANN001
-        if tag in self.VOID or tag not in self.stack:
+        if tag in self.VOID or all(t != tag for t, _ in self.stack):
             return
         while self.stack:  # close unclosed children too
-            t = self.stack.pop()
-            if t in self.SKIP or False:
-                self.skip = max(0, self.skip - 1)
+            t, skipped = self.stack.pop()
+            if skipped:
+                self.skip -= 1
             if t == "pre":
                 self.pre = max(0, self.pre - 1)
             if self.main_depth:

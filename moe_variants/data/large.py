@@ -48,7 +48,7 @@ DEFAULT_TARGET = 320_000_000
 DEFAULT_VAL_TOKENS = 1_000_000  # per domain
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens = 32 MiB per shard
 PACK_SEED = 20240229
-EXTRACT_VERSION = "x3"  # bump when extraction output changes (invalidates the docs cache)
+EXTRACT_VERSION = "x4"  # bump when extraction output changes (invalidates the docs cache)
 TOKENIZE_VERSION = "t2"
 BUDGET_MARGIN = 1.15  # tokenize this much more than the plan needs: duplicates are removed afterwards
 SAMPLE_BYTES = 200_000
@@ -72,7 +72,7 @@ def archive_sha(pin: Pin, raw: Path) -> str:
         return _h(f"{pin.name}-{pin.version}-{pin.per_module}".encode())
     files = [pin.archive(raw) if pin.registry != "deb" else find_deb_file(raw, pin.name, pin.version)]
     files += [find_deb_file(raw, *spec.split("=", 1)) for spec in pin.needs]
-    return "+".join(shards.sha256_file(f)[:32] for f in files) if all(f.is_file() for f in files) else ""
+    return "+".join(shards.sha256_file(f) for f in files) if all(f.is_file() for f in files) else ""
 
 
 # ---------------------------------------------------------------- worker side
