@@ -209,11 +209,13 @@ def test_resume_across_ep_sizes_keeps_optimizer_state(runs):
     tmp, single_dir, ep_dir = runs
     ref = read_losses(tmp / "single.json")
     to_single = tmp / "ep2_to_single"
-    run(compose_single(to_single, f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}",
+    # the per-rank batch changes with the layout (the global batch does not): an explicit, allowed change
+    allow = "resume_allow_changes=[data.batch_size]"
+    run(compose_single(to_single, f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
                        *record(tmp / "ep2_to_single.json")))
     close_losses(read_losses(tmp / "ep2_to_single.json"), ref, range(3, STEPS), "EP=2 checkpoint resumed on 1")
 
-    run_ddp(tmp, "single_to_ep2", f"ckpt_path={single_dir / 'checkpoints' / 'step000003.ckpt'}",
+    run_ddp(tmp, "single_to_ep2", f"ckpt_path={single_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
             *record(tmp / "single_to_ep2.json"))
     close_losses(read_losses(tmp / "single_to_ep2.json"), ref, range(3, STEPS), "1-process checkpoint resumed on EP=2")
 

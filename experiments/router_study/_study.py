@@ -113,6 +113,7 @@ class OnDevice:
         to = (lambda t: None if t is None else t.to(self.device))  # noqa: E731
         out = self.model(to(input_ids), labels=to(labels))
         routing = [SimpleNamespace(expert_ids=r.expert_ids.cpu(),
-                                   logits=None if r.logits is None else r.logits.float().cpu()) for r in out.routing]
+                                   logits=None if r.logits is None else r.logits.float().cpu(),
+                                   dropped=None if r.dropped is None else r.dropped.cpu()) for r in out.routing]
         loss = None if out.lm_loss is None else out.lm_loss.float().cpu()
         return SimpleNamespace(lm_loss=loss, routing=routing)

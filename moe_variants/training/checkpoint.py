@@ -105,7 +105,7 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an inf. One device sync per device and dtype group:
     the max-abs norm of every tensor in one fused call (it propagates NaN and, unlike a 2-norm, cannot overflow)."""
-    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel() > 0]
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0]
     if not named:
         return []
     norms = torch._foreach_norm([t.detach() for _, t in named], ord=float("inf"))
