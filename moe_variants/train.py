@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = build(cfg)  # every check happens here, before the first step
     log.info("run dir %s; tags %s; params %s; resume from %s", r.run_dir, r.tags, r.model.num_params(), r.ckpt_path)
+    md = None
     try:
         r.trainer.fit(r.lit, datamodule=r.datamodule, ckpt_path=r.ckpt_path)
         if r.lit.last_val_step != r.trainer.global_step:  # final validation, unless fit just ran it
@@ -38,13 +39,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
         if cfg.get("report", True) and r.trainer.is_global_zero:  # DDP: one report, from rank 0
             report = make_report(r, val, time.perf_counter() - t0)
-            print(write_report(report, r.run_dir) + f"- report: {r.run_dir / 'report.md'} (and report.json)")
+            md = write_report(report, r.run_dir)
     finally:
         if r.lock is not None:
             r.lock.unlink(missing_ok=True)
         for lg in r.trainer.loggers:  # close the W&B run so the next run of a sweep (same process) gets its own
             if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
                 lg.experiment.finish()
+    if md is not None:  # after W&B's closing summary, so that the run ends with where its outputs are
+        print(md + f"- report: {r.run_dir / 'report.md'} (and report.json)", flush=True)
     return report
 
 
