@@ -48,7 +48,7 @@ diagnose() {
     local log=$1 free_mb
     free_mb=$(df -Pk . 2>/dev/null | awk 'NR == 2 { print int($4 / 1024) }')
     if grep -qiE "No space left on device|Errno 28|Disk quota exceeded" "$log" || [ "${free_mb:-1000}" -lt 100 ]; then
-        echo "the disk is full (${free_mb:-?} MB free under $PWD; .venv takes ~1.5 GB with CPU torch, data/ ~0.4 GB):" \
+        echo "the disk is full (${free_mb:-?} MB free under $PWD; .venv takes ~1.8 GB with CPU torch, data/ ~0.3 GB):" \
              "free some space, then run the same command again"
     elif grep -qiE "NewConnectionError|NameResolutionError|Failed to resolve|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Read timed out|ConnectTimeout|ProxyError|Could not fetch URL" "$log"; then
         echo "pip could not reach the package index (no network?): connect to PyPI, or point PIP_INDEX_URL /" \

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     r = build(cfg)  # every check happens here, before the first step
     log.info("run dir %s; tags %s; params %s; resume from %s", r.run_dir, r.tags, r.model.num_params(), r.ckpt_path)
     exit_code = 1  # what W&B records unless the run completes
+    md = None
     try:
         try:
             r.trainer.fit(r.lit, datamodule=r.datamodule, ckpt_path=r.ckpt_path)
@@ -62,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
         if cfg.get("report", True) and r.trainer.is_global_zero:  # DDP: one report, from rank 0
             report = report_of(r, val, time.perf_counter() - t0)
-            print(write_report(report, r.run_dir) + f"- report: {r.run_dir / 'report.md'} (and report.json)")
+            md = write_report(report, r.run_dir)
             report_to_wandb(r.trainer, report)
         exit_code = 0
     except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: Lightning turns it into sys.exit(1)
@@ -73,6 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             r.lock.unlink(missing_ok=True)
         if wandb.run is not None:  # close the W&B run so the next run of a sweep (same process) gets its own
             wandb.finish(exit_code=exit_code)
+    if md is not None:  # after W&B's closing summary, so that the run ends with where its outputs are
+        print(md + f"- report: {r.run_dir / 'report.md'} (and report.json)", flush=True)
     return report
 
 
