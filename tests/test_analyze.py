@@ -112,3 +112,21 @@ def test_analyze_bad_input(corpus, tmp_path):
         run(cfg(ckpt, corpus, tmp_path, layers=[5]))
     with pytest.raises(ValueError, match="(?i)domain"):
         run(cfg(ckpt, corpus, tmp_path, domains=["pubmed"]))
+
+
+def test_analyze_refuses_nonfinite_weights(corpus, tmp_path):
+    """A checkpoint saved after its run diverged (NaN weights) is refused, not analysed into 100% repeat rates."""
+    ckpt = our_checkpoint(tmp_path / "hash.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    saved["state_dict"]["model.layers.1.feed_forward.experts.w2"].view(-1)[0] = float("nan")
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(layers.1.feed_forward.experts.w2\)"):
+        run(cfg(ckpt, corpus, tmp_path / "res"))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**ARGS))
+    with torch.no_grad():
+        model.output.weight[0, 0] = float("inf")
+    save_hf(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(output.weight\): it cannot be analysed"):
+        run(cfg(tmp_path / "hf", corpus, tmp_path / "res"))
+    assert not (tmp_path / "res").exists()

@@ -277,6 +277,24 @@ def check_checkpoint(config: dict[str, Any], ckpt_path: str, allow: Any = ()) ->
     )
 
 
+def check_global_batch(ckpt_path: str, datamodule: Any, trainer: Any, allow: Any = ()) -> None:
+    """``data.batch_size`` is per process; what a resume must keep is the global batch, the training windows one
+    optimizer step reads over all processes (saved by the data module with its stream position). A data module
+    that saves no such state is not checked."""
+    state = read_checkpoint(ckpt_path).get(type(datamodule).__qualname__) or {}
+    saved = state.get("samples_per_step")
+    accum, world = int(trainer.accumulate_grad_batches), int(trainer.world_size)
+    now = int(datamodule.batch_size) * accum * world
+    if saved is None or saved == now or any(a in ("data", "data.batch_size") for a in map(str, allow or ())):
+        return
+    raise ValueError(
+        f"checkpoint {ckpt_path} trained on {saved} windows per optimizer step; this run would read {now} "
+        f"(data.batch_size={datamodule.batch_size} x accumulate_grad_batches={accum} x {world} processes): set "
+        f"data.batch_size to keep the global batch, or make the change explicit with "
+        f"resume_allow_changes=[data.batch_size]"
+    )
+
+
 # -- runtime -------------------------------------------------------------------------------------------------
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The whole run config with interpolations resolved (no ``hydra`` node): saved in checkpoints and W&B."""
@@ -320,17 +338,18 @@ def make_callbacks(cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
-def run_dir_owner(run_dir: Path) -> str | None:
-    """``"<host> pid <pid>"`` of a live moe-train that holds ``<run_dir>/.running`` (another host's lock counts as
-    live), None if the run dir is free or its lock is stale (a dead pid). Reads only."""
+def refuse_if_busy(run_dir: Path) -> None:
+    """Raise if a live moe-train holds ``<run_dir>/.running`` (another host's lock counts as live); a free run dir
+    or a stale lock (a dead pid) passes. Reads only."""
     lock = run_dir / ".running"
     try:
         host, _, pid = lock.read_text().partition(" ")
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return
     if host == socket.gethostname() and not (pid.isdigit() and _pid_alive(int(pid))):
-        return None
-    return f"{host} pid {pid}"
+        return
+    raise ValueError(f"another moe-train ({host} pid {pid}) is running in {run_dir}: wait for it, or use another "
+                     f"experiment=/name= (delete {lock} if that run is gone)")
 
 
 def claim_run_dir(run_dir: Path) -> Path:
@@ -342,12 +361,7 @@ def claim_run_dir(run_dir: Path) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            owner = run_dir_owner(run_dir)
-            if owner is not None:
-                raise ValueError(
-                    f"another moe-train ({owner}) is running in {run_dir}: wait for it, or use another "
-                    f"experiment=/name= (delete {lock} if that run is gone)"
-                ) from None
+            refuse_if_busy(run_dir)
             lock.unlink(missing_ok=True)  # stale: its process is dead
             continue
         except OSError as e:
@@ -404,25 +418,22 @@ class Run:
 
 
 def build(cfg: DictConfig) -> Run:
-    """Build and check everything; nothing is trained yet. The checks only read; then the run dir is claimed
-    (see :func:`claim_run_dir`) and prepared (:func:`prepare_run_dir`)."""
+    """Build and check everything; nothing is trained yet. The checks only read; the run dir is claimed (see
+    :func:`claim_run_dir`) before the objects are built, and prepared (:func:`prepare_run_dir`) once the last check
+    (those that need the built trainer) has passed."""
     config = resolved_config(cfg)
     config["choices"] = config_choices(cfg)
     run_dir = Path(config["run_dir"])
     args = check_config(cfg)
     # DDP: Lightning (or torchrun) starts the other ranks with the same command; only rank 0 owns the run dir
     rank0 = launch_rank() == 0
-    owner = run_dir_owner(run_dir) if rank0 else None
-    if owner is not None:  # checked first: a live run's checkpoint would otherwise be the reason given
-        raise ValueError(f"another moe-train ({owner}) is running in {run_dir}: wait for it, or use another "
-                         f"experiment=/name= (delete {run_dir / '.running'} if that run is gone)")
+    if rank0:  # first: a live run's checkpoint would otherwise be the reason given
+        refuse_if_busy(run_dir)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if ckpt_path is not None:
         check_checkpoint(config, ckpt_path, allow=cfg.get("resume_allow_changes"))
     lock = claim_run_dir(run_dir) if rank0 else None
     try:
-        if rank0:
-            prepare_run_dir(run_dir, cfg)
         if ckpt_path is None and cfg.get("ckpt_path") == "last":
             log.info("ckpt_path=last: no %s yet, starting from scratch", run_dir / "checkpoints" / "last.ckpt")
         return _build(cfg, config, run_dir, args, ckpt_path, lock)
@@ -472,6 +483,10 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
         expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer),
     )
+    if ckpt_path is not None:
+        check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))
+    if lock is not None:  # the last check passed: the run dir is ours to write into
+        prepare_run_dir(run_dir, cfg)
     for lg in loggers:  # the full resolved config, once
         lg.log_hyperparams(config)
     return Run(config, run_dir, datamodule, model, lit, trainer, ckpt_path, tags, resources, lock)

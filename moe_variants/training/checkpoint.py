@@ -27,17 +27,23 @@ MODEL_SECTIONS = ("model", "router", "experts")  # what must match for weights t
 # (trainer.max_steps) is not among them: the LR schedule's horizon is scheduler.total_steps
 TRAINING_KEYS = ("optimizer", "scheduler", "loss", "data", "seed", "trainer.accumulate_grad_batches",
                  "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "trainer.precision")
-NOT_COMPARED = ("data.num_workers",)  # changes how fast, not what, a run trains
+# num_workers changes how fast, not what, a run trains; batch_size is per process: a resume may move to another
+# number of processes with the same global batch, which training.build.check_global_batch compares instead
+NOT_COMPARED = ("data.num_workers", "data.batch_size")
 TEMP_GLOB = ".*.tmp"  # save_atomic's temp files: .<name>.<random>.tmp
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def write_error(e: OSError, path: Path, what: str) -> OSError:
     """A one-line ``OSError`` naming ``path`` and the fix, for the errors a researcher can act on (full disk or
     quota, read-only or not-writable folder); other errors are returned unchanged."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if e.errno in NO_SPACE:
         return OSError(e.errno, f"no space left to write {what} {path} ({e.strerror}): free space on that disk (what "
                                 f"was written before is kept), or move the run (experiment=/name=/hydra.run.dir=)")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if e.errno in NOT_WRITABLE:
         return OSError(e.errno, f"cannot write {what} {path} ({e.strerror}): make {path.parent} writable, or run "
                                 f"elsewhere (experiment=/name=/hydra.run.dir=)")
     return e
@@ -54,18 +60,20 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(e, path, "checkpoint") from None
+    f = _WriteErrors(os.fdopen(fd, "wb"))
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0o600; a checkpoint gets what open() would give
-        with os.fdopen(fd, "wb") as f:
+        with f.file:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.file.flush()
+            os.fsync(f.file.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and write_error(e, path, "checkpoint") is not e:
-            raise write_error(e, path, "checkpoint") from None
+        cause = f.error or e  # torch.save reports a failed write as a RuntimeError ("unexpected pos")
+        if isinstance(cause, OSError) and write_error(cause, path, "checkpoint") is not cause:
+            raise write_error(cause, path, "checkpoint") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -79,6 +87,24 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write (a full disk): torch's zip
+    writer turns it into a ``RuntimeError`` that no longer says why."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -210,7 +236,3 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iter
                 diffs[leaf] = (a.get(leaf, "<missing>"), b.get(leaf, "<missing>"))
     return diffs
 
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], sections=MODEL_SECTIONS) -> list[str]:
-    """``["model.dim: checkpoint 64, config 128", ...]`` over the sections that define the weights."""
-    return [f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in config_diff(saved, current, sections).items()]

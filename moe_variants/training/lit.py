@@ -114,8 +114,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         """Refuse the optimizer step unless the loss of every micro-batch and every gradient are finite: weights,
         optimizer state and therefore every checkpoint stay those of the last good step. One fused max-abs norm
         over the gradients and one device sync per step (plus a scalar all-reduce with several processes, so that
-        all ranks stop together). First the expert-parallel gradient scaling of ``ExpertParallelHooks``."""
-        super().on_before_optimizer_step(optimizer)
+        all ranks stop together)."""
+        super().on_before_optimizer_step(optimizer)  # expert parallelism: complete and scale the expert grads first
         losses, self._losses = self._losses, []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:

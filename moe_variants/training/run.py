@@ -15,11 +15,13 @@ from typing import Any
 import hydra
 import wandb
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_variants.paths import CONF_DIR
 from moe_variants.training import naming  # noqa: F401  (registers the run-name resolver before Hydra needs it)
 from moe_variants.training.build import Run, build
+from moe_variants.training.checkpoint import NO_SPACE, NOT_WRITABLE
 from moe_variants.training.console import log_through_root
 from moe_variants.training.dashboard import report_to_wandb
 from moe_variants.training.interrupt import Interrupted
@@ -53,9 +55,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             exit_code = 130  # the shell's code for SIGINT
             print(f"{stop}; resume with:\n  {resume_command(r.run_dir)}", file=sys.stderr, flush=True)
             raise
-        except FloatingPointError as e:  # the NaN guard: nothing of the bad step was written
-            print(f"{e}\n  {resume_command(r.run_dir, 'resume_allow_changes=[optimizer.lr]', 'optimizer.lr=<lower>')}",
-                  file=sys.stderr, flush=True)
+        except FloatingPointError:  # the NaN guard: nothing of the bad step was written
+            cmd = resume_command(r.run_dir, "resume_allow_changes=[optimizer.lr]", "optimizer.lr=<lower>")
+            print(f"NaN/inf: resume from the last good checkpoint with a lower LR:\n  {cmd}", file=sys.stderr)
             raise
         if r.lit.last_val_step != r.trainer.global_step:  # final validation, unless fit just ran it
             r.trainer.validate(r.lit, datamodule=r.datamodule, verbose=False)
@@ -109,7 +111,7 @@ def resume_command(run_dir: Any, *extra: str) -> str:
         return shlex.join(["moe-train", f"hydra.run.dir={run_dir}", "ckpt_path=last", *extra])
     hc = HydraConfig.get()
     task = [o for o in hc.overrides.task if not o.split("=", 1)[0].lstrip("+~").startswith("ckpt_path")]
-    where = [f"hydra.run.dir={run_dir}"] if str(hc.mode) == "RunMode.MULTIRUN" or any(
+    where = [f"hydra.run.dir={run_dir}"] if hc.mode == RunMode.MULTIRUN or any(
         o.startswith(("hydra.run.dir", "hydra.sweep")) for o in hc.overrides.hydra) else []
     return shlex.join(["moe-train", *task, *where, "ckpt_path=last", *extra])
 
@@ -121,6 +123,11 @@ def main(cfg: DictConfig) -> float:
         return float(run(cfg)["val_loss"])
     except Interrupted:
         sys.exit(130)  # stops a sweep too; the resume command is printed
+    except OSError as e:
+        if e.errno not in NO_SPACE + NOT_WRITABLE:
+            raise
+        print(f"moe-train: {e}", file=sys.stderr)  # one line naming the path (checkpoint.write_error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

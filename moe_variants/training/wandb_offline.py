@@ -7,7 +7,7 @@ it checks each record's length and CRC, and it never returns a record that wandb
 file read right after it can end in a partial record. :func:`read_run` therefore waits, up to ``wait_s``, for the
 exit record.
 
-    read_run(Path("runs/default/topk-s0"), wait_s=30)  # {"group", "tags", "config", "history", ...}
+    read_run(Path("runs/default/topk-s0"), wait_s=30)  # {"group", "tags", "config", "history": [rows], "exit_code"}
 """
 
 from __future__ import annotations
