@@ -158,11 +158,11 @@ def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
         assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
         assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
         assert (run_dir / "run.log").read_text().count("GPU available:") == 1  # Lightning's lines in the job log
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
     output = proc.stdout + proc.stderr
     assert output.count("GPU available:") == 2, output[-3000:]  # once per job
     assert "train: 100%" in output and "2/2" in output and "Epoch 0/-2" not in output
-        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
-        assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
 
 
 def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):
