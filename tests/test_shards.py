@@ -313,14 +313,8 @@ def test_datasets_source_trains_and_is_analysed_per_domain(tmp_path, monkeypatch
     from conftest import CONF_DIR, TEST_CONF_DIR
     from hydra import compose, initialize_config_dir
 
-    try:  # the training entry point (moe_variants.training.run after the package layout change)
-        from moe_variants.training.run import run as train_run
-    except ImportError:
-        from moe_variants.train import run as train_run
-    try:
-        from moe_variants.analysis.analyze import run as analyze_run
-    except ImportError:
-        from moe_variants.analyze import run as analyze_run
+    from moe_variants.analysis.analyze import run as analyze_run
+    from moe_variants.training.run import run as train_run
 
     (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     data = ["data=datasets", "data.path=json", f"data.data_files={tmp_path / 'mix.jsonl'}", "data.text_column=body",
