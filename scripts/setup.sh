@@ -6,7 +6,7 @@
 # spec, the Python version, the checkout's path) changes, and the corpus step is skipped once the corpus exists.
 # An interrupted call is resumed by the next one: the stamp is written only after pip succeeded, a .venv without a
 # working python/pip is recreated, .debs are moved into place only once downloaded, and moe-data builds the corpus
-# in a temporary folder that it renames into place when complete.
+# in a temporary folder that it renames into place when complete (leftovers of killed runs are removed).
 # A failure ends with one line "setup: ERROR: <what failed>: <what to do>" and a non-zero exit status; only the
 # optional Debian sources (no apt-get, a package that cannot be downloaded) are a warning.
 set -euo pipefail
@@ -29,7 +29,8 @@ fail() {
 
 # The stamp of the .venv this checkout wants: sha256 over everything the install depends on.
 setup_stamp() {
-    command -v "$PYTHON" >/dev/null 2>&1 || fail "$PYTHON not found: install Python >= 3.10 or set PYTHON=/path/to/python3"
+    command -v "$PYTHON" >/dev/null 2>&1 ||
+        fail "$PYTHON not found: install Python >= 3.10 or set PYTHON=/path/to/python3"
     "$PYTHON" - "$STAMP_FORMAT" "$TORCH_SPEC" <<'EOF'
 import hashlib, os, sys
 h = hashlib.sha256("\n".join([*sys.argv[1:], sys.version, os.path.realpath(sys.executable), os.getcwd(), ""]).encode())
@@ -43,6 +44,11 @@ venv_python_ok() { "$VENV/bin/python" -c "import sys" >/dev/null 2>&1; }
 # True when .venv was installed for this stamp and its python still runs.
 venv_current() { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$1" ] && venv_python_ok; }
 
+# What pip (urllib3) prints when it cannot reach an index.
+NET_ERRORS="NewConnectionError|NameResolutionError|Failed to resolve|Failed to establish a new connection|Name or"
+NET_ERRORS+=" service not known|Temporary failure in name resolution|Network is unreachable|Connection refused"
+NET_ERRORS+="|Read timed out|ConnectTimeout|ProxyError|Could not fetch URL"
+
 # One line on why a step failed and what to do, from its output (and the free disk space).
 diagnose() {
     local log=$1 free_mb
@@ -50,7 +56,7 @@ diagnose() {
     if grep -qiE "No space left on device|Errno 28|Disk quota exceeded" "$log" || [ "${free_mb:-1000}" -lt 100 ]; then
         echo "the disk is full (${free_mb:-?} MB free under $PWD; .venv takes ~1.8 GB with CPU torch, data/ ~0.3 GB):" \
              "free some space, then run the same command again"
-    elif grep -qiE "NewConnectionError|NameResolutionError|Failed to resolve|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Read timed out|ConnectTimeout|ProxyError|Could not fetch URL" "$log"; then
+    elif grep -qiE "$NET_ERRORS" "$log"; then
         echo "pip could not reach the package index (no network?): connect to PyPI, or point PIP_INDEX_URL /" \
              "PIP_FIND_LINKS at a local mirror, then run the same command again"
     elif grep -q "ensurepip" "$log"; then
@@ -100,7 +106,7 @@ setup_venv() {
     pyver=$("$PYTHON" -c "import sys; print(sys.version)")
     if ! venv_python_ok || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 ||
         [ "$("$VENV/bin/python" -c "import sys; print(sys.version)")" != "$pyver" ]; then
-        [ -e "$VENV" ] && echo "setup: $VENV has no working python/pip of $PYTHON ($pyver): recreating it"
+        [ -e "$VENV" ] && echo "setup: $VENV has no working python/pip of $PYTHON (${pyver%% *}): recreating it"
         rm -rf "$VENV"
         run_step --quiet "creating $VENV with $PYTHON" "$PYTHON" -m venv "$VENV"
     fi
@@ -124,6 +130,17 @@ setup_venv() {
 DATA_DEBS=(texlive-science-doc texlive-latex-recommended-doc bible-kjv bible-kjv-text sword-text-web
            r-cran-janeaustenr dict-foldoc dict-gcide dict-wn python3.11-doc perl-doc)
 
+# Remove what killed runs left: PREFIX<pid> folders whose process is gone (a live one may be another checkout's,
+# when checkouts share MOE_DATA_ROOT).
+rm_stale() {
+    local d pid
+    for d in "$1"*; do
+        pid=${d#"$1"}
+        [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && rm -rf "$d"
+    done
+    return 0
+}
+
 fetch_debs() {
     local debs=$1
     mkdir -p "$debs"
@@ -142,8 +159,9 @@ fetch_debs() {
     [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
     $sudo apt-get update -qq || echo "setup: WARNING: apt-get update failed; trying the download anyway" >&2
     # Into a scratch folder first, so a killed download never leaves a truncated .deb that looks complete.
-    local part="$debs/.partial"
-    rm -rf "$part" && mkdir -p "$part"
+    rm_stale "$debs/.partial"
+    local part="$debs/.partial$$"
+    mkdir -p "$part"
     # as root apt-get prints "W: Download is performed unsandboxed as root": harmless.
     # A failure of the batch (one unknown package) falls back to per-package downloads.
     if ! (cd "$part" && apt-get download "${missing[@]}"); then
@@ -167,7 +185,7 @@ setup_data() {
         return
     fi
     fetch_debs "$data_root/raw/debs"
-    rm -rf "$corpus".tmp*  # what a killed build left (we hold the setup lock: no build is running)
+    rm_stale "$corpus.tmp"  # moe-data builds into corpus.tmp<pid>
     local force=()
     [ "${MOE_DATA_FORCE:-0}" = 1 ] && force=(--force)
     run_step "building the corpus (moe-data)" env MOE_DATA_ROOT="$data_root" "$VENV/bin/moe-data" "${force[@]}"

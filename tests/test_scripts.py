@@ -96,3 +96,18 @@ def test_a_failing_step_ends_with_one_error_line_and_nonzero_status(tmp_path: Pa
     assert "not reached" not in res.stdout
     assert res.stderr.strip().splitlines()[-1].startswith(
         "setup: ERROR: installing the Python packages (pip) failed: pip could not reach the package index")
+
+
+def test_setup_downloads_the_debian_packages_the_corpus_reads(tmp_path: Path) -> None:
+    from moe_variants.data.build import DEB_PACKAGES
+
+    assert setup_fn(tmp_path, 'echo "${DATA_DEBS[@]}"').stdout.split() == list(DEB_PACKAGES)
+
+
+def test_only_leftovers_of_finished_processes_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])  # a pid whose process has ended
+    dead.wait()
+    for name in (f"corpus.tmp{dead.pid}", f"corpus.tmp{os.getpid()}", "corpus.tmpx", "corpus"):
+        (tmp_path / name).mkdir()
+    assert setup_fn(tmp_path, 'rm_stale "$PWD/corpus.tmp"').returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["corpus", f"corpus.tmp{os.getpid()}", "corpus.tmpx"])
