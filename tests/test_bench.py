@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "throughput.py"
+VARIANTS = ["hf_grouped_mm", "ours_topk", "ours_hash", "ours_span", "ours_topk_forced_balanced", "ours_aux_free",
+            "ours_topk_capacity1.0", "ours_fine_grained_shared2"]
 
 
 def test_throughput_benchmark_smoke(tmp_path):
@@ -16,9 +18,8 @@ def test_throughput_benchmark_smoke(tmp_path):
     sys.modules["throughput"] = bench  # dataclasses look their module up
     spec.loader.exec_module(bench)
     reports = bench.main(["--smoke", "--steps", "1", "--warmup", "0", "--out", str(tmp_path),
-                          "--variants", "hf_grouped_mm", "ours_topk", "ours_hash", "ours_span",
-                          "ours_topk_forced_balanced"])
+                          "--variants", *VARIANTS])
     results = {r["variant"]: r for r in reports[0]["results"]}
-    assert set(results) == {"hf_grouped_mm", "ours_topk", "ours_hash", "ours_span", "ours_topk_forced_balanced"}
+    assert set(results) == set(VARIANTS)
     assert all("tokens_per_s" in r and r["tokens_per_s"] > 0 for r in results.values()), results
     assert (tmp_path / "throughput-smoke.json").is_file() and (tmp_path / "throughput-smoke.md").is_file()

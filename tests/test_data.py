@@ -12,7 +12,6 @@ import torch
 
 from moe_variants.data import build
 from moe_variants.data.datamodule import PACK_SEED, CorpusDataModule, ResumableSampler, TextFilesDataModule
-from moe_variants.routers.spans import word_starts
 
 DOMAINS = ["code", "law", "prose"]
 S, B = 16, 4
@@ -113,15 +112,13 @@ def test_batches_shapes_labels_and_flags(corpus):
     dm = _dm(corpus)
     assert dm.domains == DOMAINS and dm.vocab_size == 32000
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels", "domain_ids", "span_start", "doc_start"}
+    assert set(batch) == {"input_ids", "labels", "domain_ids", "doc_start"}
     for k in ("input_ids", "labels", "domain_ids"):
         assert batch[k].shape == (B, S) and batch[k].dtype == torch.int64
-    for k in ("span_start", "doc_start"):
-        assert batch[k].shape == (B, S) and batch[k].dtype == torch.bool
+    assert batch["doc_start"].shape == (B, S) and batch["doc_start"].dtype == torch.bool
     torch.testing.assert_close(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
     assert torch.equal(batch["doc_start"], batch["input_ids"] == 1)  # BOS only ever opens a document
-    assert torch.equal(batch["span_start"], word_starts(batch["input_ids"], dm.word_start_table))
-    assert batch["span_start"][:, 0].all()
+    assert len(dm.vocab_pieces) == dm.vocab_size and dm.special_token_ids == [0, 1, 2]  # what routers read
 
 
 def test_packing_follows_documents(corpus):

@@ -7,15 +7,19 @@ import csv
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
+from google.protobuf.message import DecodeError
 from hydra import compose, initialize_config_dir
 
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import load_model
 from moe_variants.training.checkpoint import AtomicCheckpointIO, checkpoint_nonfinite, save_atomic
 from moe_variants.training.run import run
@@ -33,6 +37,68 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
     base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[*base, *overrides])
+
+
+# -- reading W&B offline runs back (a .wandb file: LevelDB-log framing of protobuf Records) -----------------
+def wandb_records(path: Path, block: int = 32768):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = path.read_bytes(), 7, b""  # 7-byte file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # full record / last fragment
+            rec = pb.Record()
+            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
+            buf = b""
+            yield rec
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+
+
+def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
+    """Name, project, group, tags, config, history, metric definitions and summary of the (last) offline W&B run
+    under ``run_dir``. wandb-core may still be flushing right after ``finish()``, so wait for the run's exit
+    record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        assert files, f"no offline W&B run under {run_dir}"
+        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False, "metrics": {}, "summary": {}}
+        try:
+            recs = list(wandb_records(files[-1]))
+        except DecodeError:  # a record wandb-core has not finished writing: read again
+            time.sleep(0.2)
+            continue
+        for rec in recs:
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
+                out.update(name=rec.run.display_name, project=rec.run.project, job_type=rec.run.job_type)
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "metric":  # define_metric
+                out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric
+            elif kind == "summary":
+                out["summary"].update(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+            elif kind == "config":
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "history":
+                out["history"].append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            elif kind == "exit":
+                out["exited"] = True
+        if out["exited"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def csv_losses(run_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
@@ -69,22 +135,35 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
     assert cfg["loss"] == {"load_balance": 0.01, "z_loss": 0.001} and cfg["name"] == "topk-s0"
     logged = {k for row in wb["history"] for k in row}
     assert {"train/loss", "train/lm_loss", "train/load_balance", "train/z_loss", "train/lr", "val/loss",
-            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first",
-            "routing/layer0/load/e7"} <= logged
+            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first", "routing/layer1/repeat_any",
+            "routing/repeat_any", "routing/layer0/load/e7", "train/tokens_per_s"} <= logged
 
 
-def test_multirun_runs_share_one_wandb_group(tmp_path):
-    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
-           f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
+def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
+    """``-m router=hash router.table=random,balanced``: each job gets its own folder and W&B run named
+    ``hash-s0,<its overrides>``, tags with the swept value, one W&B group; one line per Lightning log event, also
+    in the job's log file; a progress bar over the steps."""
+    fast = [o for o in FAST if "progress_bar" not in o]
+    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=hash", "router.table=random,balanced",
+           "seed=0", "experiment=sweep1", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb",
+           "trainer.max_steps=2", "report=false", *fast]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: read_run(tmp_path / "runs" / "sweep1" / name, wait_s=60) for name in ("topk-s0", "hash-s0")}
-    assert {r["group"] for r in runs.values()} == {"sweep1"}
-    assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
-    assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
-    assert (tmp_path / "runs" / "sweep1" / "hash-s0" / "checkpoints" / "last.ckpt").is_file()
-    overrides = (tmp_path / "runs" / "sweep1" / "hash-s0" / ".hydra" / "overrides.yaml").read_text()
-    assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
+    common = "data.batch_size=4,data.seq_len=32,data=standin,model=tiny"  # sorted; FAST's run-mechanics left out
+    for table in ("random", "balanced"):
+        name = f"hash-s0,{common},router.table={table},scheduler.warmup_steps=2,trainer.accelerator=cpu"
+        run_dir = tmp_path / "runs" / "sweep1" / name
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run_dir.parent.iterdir())
+        wb = read_wandb_run(run_dir)
+        assert wb["group"] == "sweep1" and wb["name"] == name
+        assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
+        assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
+        assert (run_dir / "run.log").read_text().count("GPU available:") == 1  # Lightning's lines in the job log
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
+    output = proc.stdout + proc.stderr
+    assert output.count("GPU available:") == 2, output[-3000:]  # once per job
+    assert "train: 100%" in output and "2/2" in output and "Epoch 0/-2" not in output
 
 
 def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):
@@ -134,6 +213,28 @@ def test_run_dir_in_use_is_refused(tmp_path):
     (tmp_path / ".running").write_text(f"{__import__('socket').gethostname()} 999999999")  # stale: taken over
     run(compose_run(tmp_path, "trainer.max_steps=1", "report=false"))
     assert not (tmp_path / ".running").exists()
+
+
+def test_vocabulary_router_run_reports_its_routing_and_reloads_without_the_corpus(tmp_path):
+    """A routing-vocabulary run: the report says what routed the tokens; load_model rebuilds the router from the
+    checkpoint alone (vocabulary, piece kinds and tables are buffers) and routes as the trained model."""
+    cfg = compose_run(tmp_path, "router=span_prefix", "router.vocab_size=256", "router.learned_top=4",
+                      "trainer.max_steps=2")
+    report = run(cfg)
+    shares = report["routing_shares"]
+    assert set(shares) == {"vocab", "bucket", "learned"} and min(shares.values()) > 0
+    assert abs(sum(shares.values()) - 1) < 1e-9 and "the learned gate" in (tmp_path / "report.md").read_text()
+    model, _ = load_model(tmp_path)
+    ids = torch.randint(3, 300, (2, 32))
+    from standin_data import StandinDataModule
+
+    from moe_variants.training.build import build_model, make_resources
+
+    dm = StandinDataModule(seq_len=32, batch_size=4)
+    dm.setup("fit")
+    fresh = build_model(cfg, resources=make_resources(dm))  # the vocabulary of the same (stand-in) corpus
+    for a, b in zip(model(ids).routing, fresh.eval()(ids).routing):
+        assert torch.equal(a.expert_ids, b.expert_ids)
 
 
 def test_load_model_rejects_non_checkpoints(tmp_path):
@@ -259,7 +360,7 @@ def test_weight_decay_skips_only_norm_gains(tiny_args):
     from moe_variants import Transformer
     from moe_variants.training.lit import LitMoE
 
-    model = Transformer(tiny_args)
+    model = Transformer(tiny_args, router=TopKRouter)
     lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
                  scheduler=None, loss_coefficients={})
     decay, no_decay = lit.configure_optimizers().param_groups

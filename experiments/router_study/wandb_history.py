@@ -18,9 +18,9 @@ STEP_KEY = "trainer/global_step"  # Lightning's step, logged with every row
 def read_history(
     run_dir: Path, keys: tuple[str, ...] = ("train/loss", "val/loss"), wait_s: float = 0.0
 ) -> dict[str, list[tuple[int, float]]]:
-    """``{key: [(step, value), ...]}`` over every offline W&B sitting of a run (a resumed run has several; a later
-    sitting's value wins for the same step). Empty when the run has no offline W&B files. ``wait_s``: how long to
-    wait for each sitting's exit record (a file read right after ``wandb.finish()`` may not be complete yet)."""
+    """``{key: [(step, value), ...]}`` over every offline W&B folder of a run (one per start or resume; a later
+    folder's value wins for the same step). Empty when the run has no offline W&B files. ``wait_s``: how long to
+    wait for each folder's exit record (a file read right after ``wandb.finish()`` may not be complete yet)."""
     series: dict[str, dict[int, float]] = {k: {} for k in keys}
     for path in run_files(run_dir):  # in the order they ended
         for row in read_file(path, wait_s)["history"]:

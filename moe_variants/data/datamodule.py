@@ -4,7 +4,6 @@ A batch is a dict of (B, S) tensors:
 
 * ``input_ids`` int64, ``labels`` int64 (the next token of each position),
 * ``domain_ids`` int64 (index into ``dm.domains``, a sorted list of names, of the document the token belongs to),
-* ``span_start`` bool (:func:`moe_variants.routers.spans.word_starts` with the tokenizer's word-start table),
 * ``doc_start`` bool (the token is the BOS that opens a document).
 
 Every document gets a BOS in front; documents are concatenated in a fixed shuffled order and cut into windows
@@ -32,8 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moe_variants import paths
-from moe_variants.data.tokenizer import bos_id, load_tokenizer, tokenizer_fingerprint, word_start_table_for
-from moe_variants.routers.spans import word_starts
+from moe_variants.data.tokenizer import bos_id, load_tokenizer, special_token_ids, tokenizer_fingerprint, vocab_pieces
 
 PACK_SEED = 20240229  # the document order used for packing: fixed, so every seed trains on the same windows
 _TOKENIZE_VERSION = "v1"  # bump when the tokenisation output format changes (invalidates datasets' cache)
@@ -60,18 +58,6 @@ class PackedWindows(Dataset):
             "domain_ids": torch.from_numpy(self.domain_ids[i, :-1].astype(np.int64)),
             "doc_start": torch.from_numpy(self.doc_start[i, :-1].copy()),
         }
-
-
-class Collate:
-    """Stack window dicts and add ``span_start`` from the tokenizer's word-start table (picklable for workers)."""
-
-    def __init__(self, word_start_table: torch.Tensor) -> None:
-        self.table = word_start_table
-
-    def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        batch["span_start"] = word_starts(batch["input_ids"], self.table)
-        return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -228,8 +214,13 @@ class CorpusDataModule(pl.LightningDataModule):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @cached_property
-    def word_start_table(self) -> torch.Tensor:
-        return word_start_table_for(self.tokenizer)
+    def vocab_pieces(self) -> list[str]:
+        """Every id's piece in SentencePiece notation (routers read word spans from it)."""
+        return vocab_pieces(self.tokenizer)
+
+    @cached_property
+    def special_token_ids(self) -> list[int]:
+        return special_token_ids(self.tokenizer)
 
     @cached_property
     def tokenizer_fingerprint(self) -> str:
@@ -427,7 +418,6 @@ class CorpusDataModule(pl.LightningDataModule):
             self.train_windows,
             batch_size=self.batch_size,
             sampler=self.train_sampler(),
-            collate_fn=Collate(self.word_start_table),
             num_workers=self.num_workers,
             persistent_workers=False,
         )
@@ -440,7 +430,6 @@ class CorpusDataModule(pl.LightningDataModule):
                 w,
                 batch_size=self.batch_size,
                 shuffle=False,
-                collate_fn=Collate(self.word_start_table),
                 num_workers=self.num_workers,
             )
             for w in self.val_windows

@@ -1,4 +1,4 @@
-"""Dropless SwiGLU experts and the token dispatcher that feeds them.
+"""SwiGLU experts (dropless by default; optional capacity dropping), shared experts, and the token dispatcher.
 
 The MoE feed-forward runs in three separable stages (so an expert-parallel all-to-all dispatcher can
 replace the local one):
@@ -9,12 +9,17 @@ replace the local one):
    contiguous group of rows;
 3. ``combine``: undo the sort and sum the K outputs of each token weighted by the router's weights.
 
+Copies that no expert computes (over an expert's capacity, :func:`over_capacity`, or a slot a variable-K router
+leaves unused) are dispatched with ``keep_TK`` False: they sort after every expert's group, the experts skip them
+and they add 0 in ``combine``. Without ``keep_TK`` (the default) every copy is computed (dropless).
+
 Weights are stored fused and in the HF ``MixtralExperts`` layout so that both implementations share one
 state dict: ``w13`` (E, 2F, D) holds ``w1`` (gate) rows [:F] and ``w3`` (up) rows [F:], ``w2`` (E, D, F).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +37,7 @@ class Dispatched:
     tokens_per_expert: torch.Tensor  # (E,) int64 group sizes (on device; reading them syncs)
     order: torch.Tensor  # (N,) position in the flat (T*K) assignment list of each sorted row
     inverse: torch.Tensor  # (N,) the inverse permutation: sorted row of each flat (T*K) assignment
+    keep: torch.Tensor | None  # (T, K) bool, False for copies that no expert computes; None: all computed
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -72,26 +78,67 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def expert_capacity(num_copies: int, num_experts: int, capacity_factor: float) -> int:
+    """Copies one expert computes at most: ``ceil(capacity_factor * num_copies / num_experts)`` (Switch, GShard)."""
+    return math.ceil(capacity_factor * num_copies / num_experts)
+
+
+def over_capacity(expert_ids_BSK: torch.Tensor, num_experts: int, capacity_factor: float,
+                  dropped_BSK: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S, K) bool: the copies beyond their expert's capacity :func:`expert_capacity` (of all B*S*K copies).
+
+    Priority is position first, then row, then slot: every row's copies at position s queue before any copy at
+    s + 1. So whether a copy is dropped depends only on tokens at positions <= its own (in any row), and dropping
+    stays causal; a plain flat order (row first) would let row 0's later tokens drop row 1's earlier ones.
+    Copies already in ``dropped_BSK`` (unused slots) take no capacity and are not reported again.
+    """
+    B, S, K = expert_ids_BSK.shape
+    E = num_experts
+    capacity = expert_capacity(B * S * K, E, capacity_factor)
+    ids_N = expert_ids_BSK.transpose(0, 1).reshape(-1)  # position-major flat order: (S, B, K)
+    if dropped_BSK is not None:
+        ids_N = ids_N.masked_fill(dropped_BSK.transpose(0, 1).reshape(-1), E)  # id E: queues for no expert
+    order = ids_N.argsort(stable=True)  # stable: the priority order inside each expert's queue
+    counts = expert_counts(ids_N, E + 1)
+    group_start = counts.cumsum(0) - counts
+    sorted_ids = ids_N.index_select(0, order)
+    rank_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - group_start.index_select(0, sorted_ids)
+    rank_N = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # place in its expert's queue
+    over_N = (rank_N >= capacity) & (ids_N < E)
+    return over_N.view(S, B, K).transpose(0, 1)
+
+
 class LocalDispatcher:
     """Dispatch and combine on one device (no communication)."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, counts: torch.Tensor | None = None
-                 ) -> Dispatched:
-        """``counts``: :func:`expert_counts` of ``expert_ids_TK`` when the caller has them already."""
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, counts: torch.Tensor | None = None,
+                 keep_TK: torch.Tensor | None = None) -> Dispatched:
+        """``counts``: :func:`expert_counts` of the kept copies when the caller has them already. ``keep_TK``:
+        (T, K) bool, False for copies that no expert computes (sorted last, after every expert's group)."""
         K = expert_ids_TK.shape[1]
+        if keep_TK is not None:
+            expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, self.num_experts)  # id E: after every group
+            if counts is None:
+                counts = expert_counts(expert_ids_TK, self.num_experts + 1)[: self.num_experts]
         flat_N = expert_ids_TK.reshape(-1)
         order = flat_N.argsort(stable=True)  # stable: token order kept inside each expert's group
         counts = expert_counts(expert_ids_TK, self.num_experts) if counts is None else counts
         inverse = inverse_permutation(order)
         x_ND = _GatherRows.apply(x_TD, order, inverse, K)  # x_TD[order // K]
-        return Dispatched(x=x_ND, tokens_per_expert=counts, order=order, inverse=inverse)
+        if keep_TK is not None:
+            # rows past the last group belong to no expert; grouped_mm leaves their outputs and input gradients
+            # undefined, so zero them here (gradient) and in combine (output)
+            x_ND = torch.where(keep_TK.reshape(-1).index_select(0, order).unsqueeze(-1), x_ND, 0.0)
+        return Dispatched(x=x_ND, tokens_per_expert=counts, order=order, inverse=inverse, keep=keep_TK)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
         T, K = weights_TK.shape
         y_TKD = permute_rows(y_ND, d.inverse, d.order).view(T, K, -1)  # back to the flat (T*K) order
+        if d.keep is not None:  # a where, not a product: the skipped rows may hold non-finite garbage
+            y_TKD = torch.where(d.keep.unsqueeze(-1), y_TKD, 0.0)
         # a deterministic weighted sum over the K copies (no atomics, unlike index_add_); fuses under compile
         return (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(dim=1)
 
@@ -116,6 +163,8 @@ class Experts(nn.Module):
         nn.init.normal_(self.w2, std=std)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """(N, D) rows grouped by expert -> (N, D). Rows past the last group (skipped copies) belong to no expert;
+        their outputs are unspecified (the dispatcher masks them)."""
         raise NotImplementedError
 
 
@@ -124,11 +173,14 @@ class LoopExperts(Experts):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         F_ = self.hidden_dim
+        sizes = tokens_per_expert.tolist()
         outputs = []
-        for e, rows in enumerate(x_ND.split(tokens_per_expert.tolist())):
+        for e, rows in enumerate(x_ND[: sum(sizes)].split(sizes)):
             h = rows @ self.w13[e].t()  # (n_e, 2F)
             outputs.append((F.silu(h[:, :F_]) * h[:, F_:]) @ self.w2[e].t())  # (n_e, D)
-        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, self.dim)
+        y = torch.cat(outputs) if outputs else x_ND.new_zeros(0, self.dim)
+        skipped = x_ND.shape[0] - sum(sizes)  # rows past the last group: copies that no expert computes
+        return torch.cat([y, y.new_zeros(skipped, self.dim)]) if skipped else y
 
 
 class GroupedExperts(Experts):
@@ -151,6 +203,22 @@ class GroupedExperts(Experts):
         h = _grouped_mm(x_ND, w13.transpose(-2, -1), offs=offs)  # (N, 2F)
         a = F.silu(h[:, :F_]) * h[:, F_:]
         return _grouped_mm(a, w2.transpose(-2, -1), offs=offs)  # (N, D)
+
+
+class SharedExperts(nn.Module):
+    """DeepSeekMoE's shared experts (arXiv 2401.06066 §3.2): N always-active SwiGLU experts beside the routed ones,
+    each with weight 1. N experts of width F are one SwiGLU of width N*F (the sum of SwiGLUs over disjoint hidden
+    units), so they run as one dense SwiGLU ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, num_experts: int) -> None:
+        super().__init__()
+        width = num_experts * hidden_dim
+        self.w1 = nn.Linear(dim, width, bias=False)
+        self.w3 = nn.Linear(dim, width, bias=False)
+        self.w2 = nn.Linear(width, dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
 
 
 EXPERTS: dict[str, type[Experts]] = {"loop": LoopExperts, "grouped": GroupedExperts}

@@ -18,7 +18,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_variants.model.args import ModelArgs
-from moe_variants.model.experts import Experts, LocalDispatcher, compute_dtype, make_experts
+from moe_variants.model.experts import (
+    Experts,
+    LocalDispatcher,
+    SharedExperts,
+    compute_dtype,
+    make_experts,
+    over_capacity,
+)
 from moe_variants.model.routing import LayerSpec, Router, RouterFactory, RouterOutput, RoutingContext
 
 
@@ -105,23 +112,40 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Route, dispatch, run experts, combine. The router is injected; this layer never knows which one."""
+    """Route, dispatch, run experts, combine. The router is injected; this layer never knows which one.
+
+    With ``args.capacity_factor`` the copies over an expert's capacity are dropped (``experts.over_capacity``) and
+    marked in ``RouterOutput.dropped``; with ``args.num_shared_experts`` every token also goes through the shared
+    experts, added with weight 1.
+    """
 
     def __init__(self, args: ModelArgs, router: Router, experts: str) -> None:
         super().__init__()
         self.router = router
         self.experts = make_experts(experts, dim=args.dim, hidden_dim=args.hidden_dim, num_experts=args.num_experts)
         self.dispatcher = LocalDispatcher(args.num_experts)
+        self.num_experts = args.num_experts  # all of them (under expert parallelism ``experts`` holds a shard)
+        self.capacity_factor = args.capacity_factor
+        self.shared_experts = None
+        if args.num_shared_experts:
+            self.shared_experts = SharedExperts(dim=args.dim, hidden_dim=args.shared_hidden_dim or args.hidden_dim,
+                                                num_experts=args.num_shared_experts)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, RouterOutput]:
         B, S, D = x.shape
         routing = self.router(x, ctx)
+        if self.capacity_factor is not None:
+            over = over_capacity(routing.expert_ids, self.num_experts, self.capacity_factor, routing.dropped)
+            routing.dropped = over if routing.dropped is None else routing.dropped | over
         K = routing.expert_ids.shape[-1]
         x_TD = x.reshape(B * S, D)
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: cast once, before the copies are made and moved
-        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K))
+        keep = None if routing.dropped is None else ~routing.dropped.reshape(B * S, K)
+        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K), keep_TK=keep)
         y = self.experts(d.x, d.tokens_per_expert)
         out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_TD)
         return out.view(B, S, D), routing
 
 
@@ -149,12 +173,6 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, S, V); None when only the loss was asked for
     routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer
     lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
-
-
-def default_router(spec: LayerSpec) -> Router:
-    from moe_variants.routers.topk import TopKRouter
-
-    return TopKRouter(spec)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -201,10 +219,10 @@ class Transformer(nn.Module):
 
     Args:
         args: architecture.
-        router: a router factory called once per layer with its ``LayerSpec`` (default: Mixtral top-k).
+        router: a router factory called once per layer with its ``LayerSpec``, e.g. Mixtral's gate
+            ``moe_variants.routers.topk.TopKRouter`` or a Hydra ``_partial_`` router config; whatever a router
+            needs beyond the spec (tables, corpus statistics) is bound into the factory by whoever builds the model.
         experts: ``"loop"`` (reference) or ``"grouped"`` (grouped GEMMs).
-        word_start_table: (V,) bool table from the tokenizer, for routers that need word spans.
-        resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
         loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
             never sit in memory at once.
         activation_checkpointing: in training (``model.train()``, grad enabled, no KV cache), keep only each
@@ -215,10 +233,8 @@ class Transformer(nn.Module):
     def __init__(
         self,
         args: ModelArgs,
-        router: RouterFactory | None = None,
+        router: RouterFactory,
         experts: str = "loop",
-        word_start_table: torch.Tensor | None = None,
-        resources: Any = None,
         loss_chunk_tokens: int = 8192,
         activation_checkpointing: bool = False,
     ) -> None:
@@ -226,26 +242,16 @@ class Transformer(nn.Module):
         self.args = args
         self.loss_chunk_tokens = loss_chunk_tokens
         self.activation_checkpointing = activation_checkpointing
-        router = router or default_router
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList()
         for i in range(args.n_layers):
             spec = LayerSpec(
                 dim=args.dim, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
-                vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i, resources=resources,
+                vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i,
             )
             self.layers.append(TransformerBlock(args, router(spec), experts))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if word_start_table is not None:
-            if word_start_table.shape != (args.vocab_size,):
-                raise ValueError(
-                    f"word_start_table has shape {tuple(word_start_table.shape)} but the model's vocabulary has "
-                    f"{args.vocab_size} entries: the tokenizer does not match model.vocab_size"
-                )
-            self.register_buffer("word_start_table", word_start_table.bool().clone())
-        else:
-            self.word_start_table = None
         # cos/sin of every position, computed once (recomputing them in every layer cost ~5% of a GPU step)
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
@@ -257,8 +263,8 @@ class Transformer(nn.Module):
 
     @property
     def causal(self) -> bool:
-        """False when any router looks ahead (such a run must be labelled non-causal)."""
-        return all(r.causal for r in self.routers)
+        """False when any router looks ahead, or capacity dropping does (such a run must be labelled non-causal)."""
+        return all(r.causal for r in self.routers) and self.args.capacity_factor is None
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables, e.g. after ``to_empty`` from the meta device."""
@@ -302,13 +308,11 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         *,
         labels: torch.Tensor | None = None,
-        span_start: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool | None = None,
     ) -> ModelOutput:
-        """Args: input_ids (B, S) int64; labels (B, S) next-token targets (-100 = ignore); span_start (B, S)
-        bool word-start flags from the data side (computed from ``word_start_table`` when None); cache for
-        incremental decoding. Logits are returned unless only the loss was asked for (labels given and
+        """Args: input_ids (B, S) int64; labels (B, S) next-token targets (-100 = ignore); cache for incremental
+        decoding. Logits are returned unless only the loss was asked for (labels given and
         ``return_logits`` not True)."""
         B, S = input_ids.shape
         start = cache.next_pos if cache is not None else 0
@@ -319,8 +323,7 @@ class Transformer(nn.Module):
             history = input_ids if cache.history_ids is None else torch.cat([cache.history_ids, input_ids], 1)
             cache.history_ids, cache.next_pos = history, start + S
         ctx = RoutingContext(
-            history_ids=history, positions=positions.expand(B, S), span_start=span_start,
-            word_start_table=self.word_start_table, router_state=cache.router_state if cache else None,
+            history_ids=history, positions=positions.expand(B, S), router_state=cache.router_state if cache else None,
         )
         h = self.tok_embeddings(input_ids)
         cos, sin = self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype)

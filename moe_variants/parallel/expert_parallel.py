@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe_variants.model.experts import (
     Dispatched,
@@ -54,6 +56,7 @@ from moe_variants.model.experts import (
     inverse_permutation,
     permute_rows,
 )
+from moe_variants.model.transformer import MoE
 
 EXPERT_KEY = re.compile(r"(^|\.)experts\.(w13|w2)$")  # state-dict keys of expert weights (any prefix)
 
@@ -85,8 +88,6 @@ def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[in
     """
     if not torch.compiler.is_compiling():
         return _AllToAll.apply(x, output_splits, input_splits, group)
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
-
     out = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
     return out.wait() if hasattr(out, "wait") else out
 
@@ -125,7 +126,8 @@ class AllToAllDispatcher:
     dispatch: sort the T*K copies by global expert (= by destination rank), exchange the per-expert counts
     (``all_to_all_single`` on E ints: rank s learns how many rows it gets from each rank for each of its
     experts), send the rows, regroup the received rows by local expert. combine: undo the regrouping, send the
-    rows back, undo the sort and sum each token's K outputs with the router weights.
+    rows back, undo the sort and sum each token's K outputs with the router weights. Copies with ``keep_TK``
+    False (over capacity, unused slots) are sorted last and never sent; capacity is that of this rank's copies.
     """
 
     def __init__(self, group: Any, num_experts: int) -> None:
@@ -137,9 +139,14 @@ class AllToAllDispatcher:
         self.num_local_experts = hi - lo
         self._local = LocalDispatcher(num_experts)  # sort by global expert; unsort + weighted sum
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> AllToAllDispatched:
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+                 ) -> AllToAllDispatched:
         W, L = self.ep_size, self.num_local_experts
-        counts_E = expert_counts(expert_ids_TK, self.num_experts)
+        if keep_TK is None:
+            counts_E = expert_counts(expert_ids_TK, self.num_experts)
+        else:  # skipped copies (id E) are counted apart and sent nowhere
+            counts_E = expert_counts(expert_ids_TK.masked_fill(~keep_TK, self.num_experts), self.num_experts + 1)
+            counts_E = counts_E[: self.num_experts]
         recv_counts = torch.empty_like(counts_E)  # [s*L + l]: rows rank s sends to my local expert l
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously and
@@ -150,31 +157,32 @@ class AllToAllDispatcher:
             splits = splits.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        d = self._local.dispatch(x_TD, expert_ids_TK, counts_E)  # x (N, D) sorted by global expert
+        d = self._local.dispatch(x_TD, expert_ids_TK, counts_E, keep_TK)  # x (N, D) sorted by global expert
         if ready is not None:
             ready.synchronize()
         send_splits, recv_splits = splits.tolist()
-        x_recv = _all_to_all(d.x, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
+        x_send = d.x if keep_TK is None else d.x[: sum(send_splits)]  # skipped copies sit after every group
+        x_recv = _all_to_all(x_send, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
         R = sum(recv_splits)
         local_ids = torch.arange(L, device=x_TD.device).repeat(W).repeat_interleave(recv_counts, output_size=R)
         regroup = local_ids.argsort(stable=True)  # stable: by source rank, then token order, inside an expert
         ungroup = inverse_permutation(regroup)
         return AllToAllDispatched(
             x=permute_rows(x_recv, regroup, ungroup), tokens_per_expert=recv_counts.view(W, L).sum(0),
-            order=d.order, inverse=d.inverse, regroup=regroup, ungroup=ungroup, send_splits=send_splits,
+            order=d.order, inverse=d.inverse, keep=d.keep, regroup=regroup, ungroup=ungroup, send_splits=send_splits,
             recv_splits=recv_splits,
         )
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, d: AllToAllDispatched) -> torch.Tensor:
         y_recv = permute_rows(y_RD, d.ungroup, d.regroup)  # back to (source rank, local expert) order
         y_sorted = _all_to_all(y_recv, d.send_splits, d.recv_splits, self.group)  # (N, D) by global expert
+        if d.keep is not None:  # rows for the skipped copies, masked in combine
+            y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(d.order.numel() - y_sorted.shape[0], y_sorted.shape[1])])
         return self._local.combine(y_sorted, weights_TK, d)
 
 
 # -- applying EP to a model ----------------------------------------------------------------------------------
 def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moe_variants.model.transformer import MoE
-
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
@@ -274,8 +282,6 @@ def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tenso
 
 def _all_reduce_mean(tensors: list[torch.Tensor], group: Any) -> None:
     """One flat all-reduce per dtype (few large messages instead of one per parameter)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     n = dist.get_world_size(group)
     for ts in _by_dtype(tensors).values():
         flat = _flatten_dense_tensors(ts)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +30,9 @@ from moe_variants import paths
 from moe_variants.model.args import ModelArgs
 from moe_variants.model.transformer import Transformer
 from moe_variants.parallel.expert_parallel import local_expert_range
-from moe_variants.routers.resources import RoutingResources
+from moe_variants.routers.aux_free import AuxFreeRouter
+from moe_variants.routers.resources import FROM_CHECKPOINT, RoutingResources, bind_resources
+from moe_variants.training.callbacks import BiasBalancing
 from moe_variants.training.checkpoint import (
     CONFIG_KEY,
     MODEL_SECTIONS,
@@ -45,6 +47,7 @@ from moe_variants.training.checkpoint import (
 )
 from moe_variants.training.interrupt import SaveOnStop
 from moe_variants.training.lit import LitMoE
+from moe_variants.training.naming import override_tags
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,16 @@ def model_args(cfg: DictConfig) -> ModelArgs:
     return ModelArgs.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def build_model(
-    cfg: DictConfig, word_start_table: torch.Tensor | None = None, resources: Any = None
-) -> Transformer:
-    """The Transformer of ``cfg.model`` with the router of ``cfg.router`` and experts ``cfg.experts.impl``."""
-    router = instantiate(cfg.router)
+def build_model(cfg: DictConfig, resources: Any = None) -> Transformer:
+    """The Transformer of ``cfg.model`` with the router of ``cfg.router`` and experts ``cfg.experts.impl``.
+
+    ``resources`` (tokenizer and corpus statistics, :func:`make_resources`; ``FROM_CHECKPOINT`` to load a checkpoint)
+    reach the routers that declare ``needs_resources``; other routers are built from their config alone.
+    """
+    router = bind_resources(instantiate(cfg.router), resources)
     return Transformer(
-        model_args(cfg), router=router, experts=cfg.experts.impl, word_start_table=word_start_table,
-        resources=resources, activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+        model_args(cfg), router=router, experts=cfg.experts.impl,
+        activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
     )
 
 
@@ -71,15 +76,15 @@ def load_model(
 ) -> tuple[Transformer, DictConfig]:
     """Rebuild the trained model from a checkpoint file (or a run dir: its ``checkpoints/last.ckpt``).
 
-    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with ``resources=None``;
-    their corpus-derived tables are buffers and come from the state dict.
+    Returns (model in eval mode, the run's resolved config). Routers are rebuilt with
+    ``resources=FROM_CHECKPOINT``: their tokenizer- and corpus-derived tables are buffers and come from the state
+    dict, so no corpus is needed.
     """
     ckpt = read_checkpoint(path, map_location)
     cfg = OmegaConf.create(ckpt[CONFIG_KEY])
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # tolerate a torch.compile'd wrapper
-    table = state.get("word_start_table")
-    model = build_model(cfg, word_start_table=None if table is None else torch.zeros_like(table), resources=None)
+    model = build_model(cfg, resources=FROM_CHECKPOINT)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -113,9 +118,31 @@ def router_name(cfg: DictConfig) -> str:
     return str(cfg.router._target_).rsplit(".", 2)[-2]  # moe_variants.routers.<name>.<Class>
 
 
+def config_choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group options of this run (``{"router": "hash", "model": "tiny", ...}``; Hydra's choices, or the
+    router alone without Hydra): saved with the config, so W&B panels group by ``choices.router``."""
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
+    return {"router": router_name(cfg)}
+
+
+def swept_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags for the overrides in the run's name (``router.table=random``); none without Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    return override_tags(hydra_cfg.overrides.task, hydra_cfg.job.config.override_dirname.exclude_keys)
+
+
 # -- checks --------------------------------------------------------------------------------------------------
 def check_config(cfg: DictConfig) -> ModelArgs:
     """Checks that need no data: model args valid (incl. top-k <= E), sequence length fits the model."""
+    if isinstance(cfg.get("study"), str):  # `+study=<name>` without the study's conf/ on the search path
+        raise ValueError(
+            f"study={cfg.study} is a plain value, not a config: a study's configs live in experiments/<study>/conf/; "
+            f"add 'hydra.searchpath=[file://experiments/{cfg.study}/conf]' (see experiments/{cfg.study}/README.md)"
+        )
     try:
         args = model_args(cfg)
     except (ValueError, TypeError) as e:
@@ -185,6 +212,17 @@ def check_data(args: ModelArgs, datamodule: Any) -> None:
         raise ValueError(
             f"the tokenizer has {vocab} tokens but model.vocab_size={args.vocab_size}: set "
             f"model.vocab_size={vocab} or pick the matching data.tokenizer"
+        )
+
+
+def check_bias_balancing(model: Transformer, callbacks: list[Any]) -> None:
+    """Auxiliary-loss-free routers learn their bias only through the ``BiasBalancing`` callback: refuse to train
+    them without it (the bias would silently stay 0)."""
+    if any(isinstance(r, AuxFreeRouter) for r in model.routers) and not any(
+            isinstance(c, BiasBalancing) for c in callbacks):
+        raise ValueError(
+            "router AuxFreeRouter updates its bias through the BiasBalancing callback, which this run lacks: add "
+            "callbacks.bias_balancing (conf/callbacks/default.yaml has it)"
         )
 
 
@@ -294,7 +332,10 @@ def make_loggers(cfg: DictConfig, tags: list[str], run_dir: Path | None = None, 
 
 
 def make_callbacks(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def refuse_if_busy(run_dir: Path) -> None:
@@ -381,6 +422,7 @@ def build(cfg: DictConfig) -> Run:
     :func:`claim_run_dir`) before the objects are built, and prepared (:func:`prepare_run_dir`) once the last check
     (those that need the built trainer) has passed."""
     config = resolved_config(cfg)
+    config["choices"] = config_choices(cfg)
     run_dir = Path(config["run_dir"])
     args = check_config(cfg)
     # DDP: Lightning (or torchrun) starts the other ranks with the same command; only rank 0 owns the run dir
@@ -419,17 +461,18 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
     check_data(args, datamodule)
     resources = make_resources(datamodule)
 
-    L.seed_everything(cfg.seed, workers=True)  # model init independent of what data setup consumed
-    model = build_model(cfg, word_start_table=datamodule.word_start_table, resources=resources)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # model init independent of what data setup consumed
+    model = build_model(cfg, resources=resources)
     if cfg.get("compile"):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
-    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"])
+    tags = [router_name(cfg), f"seed-{cfg.seed}"] + ([] if model.causal else ["non-causal"]) + swept_tags(cfg)
     loggers = make_loggers(cfg, tags, run_dir if launch_rank() == 0 else None, resuming=ckpt_path is not None)
     stop = SaveOnStop(run_dir / "checkpoints" / "last.ckpt")  # the stop step (max_steps, Ctrl-C) is saved
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[*make_callbacks(cfg), stop], plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
     )
+    check_bias_balancing(model, trainer.callbacks)
     lit = LitMoE(
         model,
         optimizer=instantiate(cfg.optimizer),

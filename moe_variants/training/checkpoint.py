@@ -11,6 +11,7 @@ import errno
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -61,6 +62,7 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         raise write_error(e, path, "checkpoint") from None
     f = _WriteErrors(os.fdopen(fd, "wb"))
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0o600; a checkpoint gets what open() would give
         with f.file:
             torch.save(obj, f)
             f.file.flush()
@@ -78,6 +80,13 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _WriteErrors:
@@ -122,7 +131,7 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an inf. One device sync per device and dtype group:
     the max-abs norm of every tensor in one fused call (it propagates NaN and, unlike a 2-norm, cannot overflow)."""
-    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel() > 0]
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0]
     if not named:
         return []
     norms = torch._foreach_norm([t.detach() for _, t in named], ord=float("inf"))
@@ -145,7 +154,11 @@ def checkpoint_nonfinite(checkpoint: Mapping[str, Any]) -> list[str]:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO with atomic, fsynced writes (see :func:`save_atomic`) that refuses to write
     a checkpoint holding NaN/inf weights or optimizer state: the checkpoints already written stay the last good
-    ones."""
+    ones. ``seconds`` is the time spent writing so far (the run report's checkpointing time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -158,7 +171,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"Lower the LR (optimizer.lr) and resume from the last one (ckpt_path=last "
                 f"resume_allow_changes=[optimizer.lr] optimizer.lr=...)"
             )
+        start = time.perf_counter()
         save_atomic(checkpoint, path)
+        self.seconds += time.perf_counter() - start
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:

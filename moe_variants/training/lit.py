@@ -57,7 +57,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         loss, parts = compose_loss(out.lm_loss, out.routing, self.loss_coefficients)
         # checked together with the gradients before the optimizer step (on_before_optimizer_step): one sync
         self._losses.append((loss.detach(), {k: v.detach() for k, v in parts.items()}))
@@ -68,7 +68,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         # for RoutingMetrics (this step only, detached: nothing keeps the graph alive)
         routing = [
             {"expert_ids": r.expert_ids.detach(), "logits": None if r.logits is None else r.logits.detach(),
-             "aux": {k: v.detach() for k, v in r.aux_losses.items()}}
+             "aux": {k: v.detach() for k, v in r.aux_losses.items()}, "dropped": r.dropped}
             for r in out.routing
         ]
         return {"loss": loss, "routing": routing, "doc_start": batch.get("doc_start")}
@@ -78,7 +78,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         n = int((batch["labels"] != -100).sum())
         acc = self._val_sums.setdefault(dataloader_idx, [0.0, 0])
         acc[0] += float(out.lm_loss) * n

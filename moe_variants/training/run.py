@@ -19,23 +19,35 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moe_variants.paths import CONF_DIR
-from moe_variants.training.build import build
+from moe_variants.training import naming  # noqa: F401  (registers the run-name resolver before Hydra needs it)
+from moe_variants.training.build import Run, build
 from moe_variants.training.checkpoint import NO_SPACE, NOT_WRITABLE
+from moe_variants.training.console import log_through_root
+from moe_variants.training.dashboard import report_to_wandb
 from moe_variants.training.interrupt import Interrupted
-from moe_variants.training.report import make_report, write_report
+from moe_variants.training.report import (
+    make_report,
+    train_token_counts,
+    vocab_routing_shares,
+    wandb_run_dir,
+    write_report,
+)
+from moe_variants.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config; returns the report (also written to the run dir)."""
-    # lightning 2.6 on torch 2.13 warns on every fit (ENVIRONMENT.md §1); nothing to act on
+    # lightning 2.6's pytree helper trips torch 2.13's LeafSpec deprecation on every fit; nothing to act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    log_through_root()  # one line per Lightning log event, also in the run's log file
     t0 = time.perf_counter()
     names_as_text(cfg)
     r = build(cfg)  # every check happens here, before the first step
     log.info("run dir %s; tags %s; params %s; resume from %s", r.run_dir, r.tags, r.model.num_params(), r.ckpt_path)
     exit_code = 1  # what W&B records unless the run completes
+    md = None
     try:
         try:
             r.trainer.fit(r.lit, datamodule=r.datamodule, ckpt_path=r.ckpt_path)
@@ -52,8 +64,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         val = {k: float(v) for k, v in r.trainer.callback_metrics.items() if k.startswith("val/")}
         report: dict[str, Any] = {"val_loss": val.get("val/loss", math.nan)}
         if cfg.get("report", True) and r.trainer.is_global_zero:  # DDP: one report, from rank 0
-            report = make_report(r, val, time.perf_counter() - t0)
-            print(write_report(report, r.run_dir))
+            report = report_of(r, val, time.perf_counter() - t0)
+            md = write_report(report, r.run_dir)
+            report_to_wandb(r.trainer, report)
         exit_code = 0
     except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: Lightning turns it into sys.exit(1)
         exit_code = 130
@@ -63,7 +76,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             r.lock.unlink(missing_ok=True)
         if wandb.run is not None:  # close the W&B run so the next run of a sweep (same process) gets its own
             wandb.finish(exit_code=exit_code)
+    if md is not None:  # after W&B's closing summary, so that the run ends with where its outputs are
+        print(md + f"- report: {r.run_dir / 'report.md'} (and report.json)", flush=True)
     return report
+
+
+def report_of(r: Run, val: dict[str, float], wall_seconds: float) -> dict[str, Any]:
+    """``report.make_report`` of a finished run, from the parts of the run it reports on."""
+    throughput = next((cb for cb in r.trainer.callbacks if isinstance(cb, Throughput)), Throughput())  # or none
+    ckpt_cb = r.trainer.checkpoint_callback
+    return make_report(
+        model=r.model, val_metrics=val,
+        train_token_counts=train_token_counts(r.datamodule, r.model.args.vocab_size, r.resources),
+        throughput=throughput.summary(), checkpoint_seconds=Throughput.checkpoint_seconds(r.trainer),
+        wall_seconds=wall_seconds, routing_shares=vocab_routing_shares(r.model, r.datamodule),
+        steps=r.trainer.global_step, name=r.config.get("name"),
+        experiment=r.config.get("experiment"), tags=r.tags, run_dir=r.run_dir,
+        checkpoint=(ckpt_cb.last_model_path or None) if ckpt_cb is not None else None,
+        wandb_run_dir=wandb_run_dir(r.trainer),
+    )
 
 
 def names_as_text(cfg: DictConfig) -> None:
