@@ -18,6 +18,18 @@
 # `python experiments/router_study/analyze.py --study router_study --report-only --run-plots`.
 # SWEEP_ARGS default: --parallel 4 --gpus auto. Runs log to offline W&B (wandb is carried); if wandb does not
 # import there, the runs fall back to logger=csv and say so.
+#
+# Router study v2 (sweep_v2.py; the first 110M training tokens of the large corpus = its first 7 shards):
+#   bash experiments/router_study/device.sh prep-v2          # HERE: xz archives of the 7 shards, validation, tokenizer
+#                                                            # (LARGE=<corpus_large dir>); prints what to carry per call
+#   bash experiments/router_study/device.sh setup-v2         # THERE: install the wheels, unpack the archives received
+#   V2_ARGS="..." bash experiments/router_study/device.sh start-v2 [STAGE] [SECS]
+#                                                            # THERE: sweep_v2.py STAGE (all) detached, wait, collect
+#   bash experiments/router_study/device.sh wait-v2 [SECS]   # THERE, again
+# With OUT set, start-v2 and wait-v2 pack each finished run (everything but its checkpoints) into
+# $OUT/router_study_v2/<run>.tgz and the logs, tuning table and chosen settings into $OUT/router_study_v2/study.tgz;
+# unpack them here from the repo root (`for f in router_study_v2/*.tgz; do tar xzf "$f"; done`) and run
+# analyze_v2.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=data/router_study_carry.tar.xz   # data/ is git-ignored: copy both to the GPU machine's checkout
@@ -52,7 +64,114 @@ setup() {
   mkdir -p "$ROOT"
 }
 
+V2=data/router_study_v2_carry          # prep-v2's archives (git-ignored)
+V2_ROOT=runs/router_study_v2
+V2_ARGS=${V2_ARGS:---parallel 3 --gpus auto}
+V2_SHARDS=7                            # the first 110M training tokens (data.max_train_tokens) lie in 7 shards
+
+setup_v2() {
+  if [ -d "$WHL" ] && [ ! -f /tmp/site/.moe_study_ready ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$WHL"/*.whl
+    touch /tmp/site/.moe_study_ready
+  fi
+  mkdir -p data/corpus_large "$V2_ROOT"
+  for a in "$V2"/*.tar.xz; do  # whatever archives this machine has received so far, each unpacked once
+    [ -f "$a" ] || continue
+    m="data/corpus_large/.unpacked-$(basename "$a" .tar.xz)"
+    [ -f "$m" ] || { tar -xJf "$a" && touch "$m"; }
+  done
+  local have=0
+  for i in $(seq 0 $((V2_SHARDS - 1))); do
+    [ -f "data/corpus_large/.unpacked-train-$(printf %05d "$i")" ] && have=$((have + 1))
+  done
+  echo "large corpus: $have of $V2_SHARDS training shards unpacked$([ -f data/corpus_large/index.json ] || echo '; NO index.json yet (carry meta.tar.xz)')"
+}
+
+collect_v2() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT/router_study_v2"
+  local d
+  for d in "$V2_ROOT"/*/ "$V2_ROOT"/tune/*/; do  # one archive per finished run: no finished number is lost
+    d=${d%/}
+    [ -f "$d/report.json" ] || continue
+    tar czf "$OUT/router_study_v2/$(basename "$d").tgz" --exclude=checkpoints "$d"
+  done
+  tar czf "$OUT/router_study_v2/study.tgz" --ignore-failed-read results/router_study_v2 "$V2_ROOT"/logs \
+    "$V2_ROOT"/sweep*.log "$V2_ROOT"/distilled_hash/*.json 2>/dev/null || true
+  du -ch "$OUT/router_study_v2" | tail -n 1
+}
+
+wait_for_v2() {  # $1: seconds at most
+  local until=$((SECONDS + ${1:-540}))
+  while [ $SECONDS -lt $until ] && pgrep -f "router_study/sweep_v2.py" >/dev/null; do sleep 10; done
+  for log in "$V2_ROOT"/sweep*.log; do echo "== $log"; tail -n 25 "$log" || true; done
+  pgrep -f "router_study/sweep_v2.py" >/dev/null && echo "SWEEP STILL RUNNING: run 'device.sh wait-v2' again now" \
+    || echo "SWEEP FINISHED"
+}
+
 case "${1:-}" in
+  prep-v2)
+    src=${LARGE:-data/corpus_large}
+    [ -f "$src/index.json" ] || { echo "no large corpus at $src: set LARGE=<its folder> (moe-data large builds one)"; exit 2; }
+    [ -d "$WHL" ] || echo "NOTE: no $WHL yet: run 'device.sh prep' too (the wheels travel with the first call)"
+    mkdir -p "$V2"
+    tr=(--transform "s|^|data/corpus_large/|")
+    # what every run needs first: the index, the validation split and the converted tokenizer
+    tar -C "$src" -cJf "$V2/meta.tar.xz" "${tr[@]}" index.json manifest.json validation
+    [ -d data/tokenizers ] && tar -cJf "$V2/tokenizers.tar.xz" data/tokenizers
+    for i in $(seq 0 $((V2_SHARDS - 1))); do
+      n=$(printf %05d "$i")
+      [ -f "$V2/train-$n.tar.xz" ] || XZ_OPT=-6 tar -C "$src" -cJf "$V2/train-$n.tar.xz" "${tr[@]}" \
+        "train/shard-$n.tokens" "train/shard-$n.docs.npy"
+    done
+    # device calls of at most 64 MiB of carried files: the wheels, meta and tokenizer first, then shards in order
+    python3 - "$WHL" "$V2" <<'PY'
+import os, sys
+from pathlib import Path
+whl, v2 = Path(sys.argv[1]), Path(sys.argv[2])
+size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+items = [p for p in [whl, v2 / "meta.tar.xz", v2 / "tokenizers.tar.xz"] if p.exists()]
+items += sorted(v2.glob("train-*.tar.xz"))
+calls, cur, total = [], [], 0
+for p in items:
+    s = size(p)
+    if cur and total + s > 64 * 2**20 - 2**20:  # 1 MiB left for the working tree
+        calls.append(cur); cur, total = [], 0
+    cur.append(str(p)); total += s
+calls.append(cur)
+for i, c in enumerate(calls, 1):
+    mib = sum(size(Path(p)) for p in c) / 2**20
+    print(f"call {i} ({mib:.1f} MiB): carry {c}")
+PY
+    ;;
+  setup-v2)
+    setup_v2
+    PYTHONPATH="/tmp/site:$PWD" python3 -c 'import torch, hydra, lightning; print("GPUs:", torch.cuda.device_count())'
+    ;;
+  start-v2)
+    setup_v2
+    stage=${2:-all}
+    secs=${3:-540}
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
+    logger=()
+    python3 -c 'import wandb' 2>/dev/null || { echo "WANDB DOES NOT IMPORT HERE: runs log with logger=csv"; logger=(logger=csv); }
+    # detached (setsid): it outlives this command while the machine stays up; stops launching runs in time for
+    # the ones running to end within this command (the runs resume with ckpt_path=last otherwise)
+    # shellcheck disable=SC2086
+    setsid nohup python3 experiments/router_study/sweep_v2.py "$stage" $V2_ARGS -- "${logger[@]}" \
+      > "$V2_ROOT/sweep-$stage.log" 2>&1 < /dev/null &
+    sleep 5
+    if [ "$secs" != 0 ]; then wait_for_v2 "$secs"; fi
+    collect_v2
+    ;;
+  wait-v2)
+    wait_for_v2 "${2:-560}"
+    collect_v2
+    ;;
+  collect-v2)
+    collect_v2
+    ;;
   prep)
     mkdir -p "$WHL"
     py=.venv/bin/python
@@ -105,7 +224,7 @@ case "${1:-}" in
     collect
     ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
     exit 2
     ;;
 esac

@@ -414,8 +414,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--distill-windows", type=int, default=2048)
     p.add_argument("--no-prepare", action="store_true", help="skip the data check and cache build")
     p.add_argument("--no-analyze", action="store_true", help="all: skip analyze_v2.py at the end")
-    p.add_argument("overrides", nargs="*", help="moe-train overrides for every run (after --)")
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # moe-train overrides for every run come after --
+    a = p.parse_args(argv[:cut])
+    a.overrides = argv[cut + 1:]
     a.arms = [x for x in a.arms.split(",") if x]
     unknown = [x for x in a.arms if x not in ARMS]
     if unknown:
