@@ -26,10 +26,10 @@
 #   V2_ARGS="..." bash experiments/router_study/device.sh start-v2 [STAGE] [SECS]
 #                                                            # THERE: sweep_v2.py STAGE (all) detached, wait, collect
 #   bash experiments/router_study/device.sh wait-v2 [SECS]   # THERE, again
-# With OUT set, start-v2 and wait-v2 pack each finished run (everything but its checkpoints) into
-# $OUT/router_study_v2/<run>.tgz and the logs, tuning table and chosen settings into $OUT/router_study_v2/study.tgz;
-# unpack them here from the repo root (`for f in router_study_v2/*.tgz; do tar xzf "$f"; done`) and run
-# analyze_v2.py.
+# With OUT set, start-v2 and wait-v2 pack every finished run (everything but its checkpoints) into
+# $OUT/router_study_v2/runs.tgz.part-* and the logs, tuning table and chosen settings into
+# $OUT/router_study_v2/study.tgz; unpack them here from the repo root
+# (`cat router_study_v2/runs.tgz.part-* | tar xz; tar xzf router_study_v2/study.tgz`) and run analyze_v2.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=data/router_study_carry.tar.xz   # data/ is git-ignored: copy both to the GPU machine's checkout
@@ -90,16 +90,19 @@ setup_v2() {
 
 collect_v2() {
   [ -n "${OUT:-}" ] || return 0
+  # at most 8 files of 16 MiB come back from a call: every finished run (all but its checkpoints) in one archive,
+  # split into 15 MiB parts (join: cat runs.tgz.part-* | tar xz), and the study's logs and tables in another
   mkdir -p "$OUT/router_study_v2"
-  local d
-  for d in "$V2_ROOT"/*/ "$V2_ROOT"/tune/*/; do  # one archive per finished run: no finished number is lost
+  local d runs=()
+  for d in "$V2_ROOT"/*/ "$V2_ROOT"/tune/*/; do
     d=${d%/}
-    [ -f "$d/report.json" ] || continue
-    tar czf "$OUT/router_study_v2/$(basename "$d").tgz" --exclude=checkpoints "$d"
+    [ -f "$d/report.json" ] && runs+=("$d")
   done
+  rm -f "$OUT/router_study_v2"/runs.tgz.part-*
+  ((${#runs[@]})) && tar czf - --exclude=checkpoints "${runs[@]}" | split -b 15M - "$OUT/router_study_v2/runs.tgz.part-"
   tar czf "$OUT/router_study_v2/study.tgz" --ignore-failed-read results/router_study_v2 "$V2_ROOT"/logs \
     "$V2_ROOT"/sweep*.log "$V2_ROOT"/distilled_hash/*.json 2>/dev/null || true
-  du -ch "$OUT/router_study_v2" | tail -n 1
+  echo "collected ${#runs[@]} finished runs"; du -ch "$OUT/router_study_v2" | tail -n 1
 }
 
 wait_for_v2() {  # $1: seconds at most
