@@ -122,6 +122,7 @@ def test_run_names_say_every_override_but_how_a_run_is_run():
     assert same == a
     files = _hydra_names("data=text_files", "data.data_files=/a/b.txt")[0]
     assert files == "topk-s0,data.data_files=_a_b.txt,data=text_files"  # one folder: "/" -> "_"
+    assert _hydra_names("router_lr_scale=0")[0] == "topk-s0,router_lr_scale=0"  # a training setting
 
 
 def test_long_run_names_stay_unique_and_fit_a_folder_name():
