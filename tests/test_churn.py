@@ -52,6 +52,7 @@ def test_hash_routing_never_churns_and_learned_routing_does(router, moves, tmp_p
     assert "Routing churn on the probe batch at step 4" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_churn_history_goes_on_across_a_resume(tmp_path):
     whole = run(compose_run(tmp_path / "whole", *VAL_EVERY_2, "trainer.max_steps=4"))
     run(compose_run(tmp_path / "resumed", *VAL_EVERY_2, "trainer.max_steps=2"))

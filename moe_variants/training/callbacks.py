@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from moe_variants.analysis.metrics import (
     consecutive_repeat_rates,
@@ -180,7 +181,7 @@ class RoutingChurn(L.Callback):
     every rank the same sets, so nothing is reduced). Its state (probe, init and previous sets, history) is saved
     in checkpoints; a resumed run evaluates once at its first step unless the checkpoint's last evaluation was at
     that step (the last validation of a stopped run runs after its checkpoint is written), so the history goes on
-    where it stopped.
+    where it stopped. Not measured under FSDP (a warning says so).
 
     Args:
         sequences_per_domain: probe windows per validation domain (a few: it costs one forward of that many).
@@ -235,6 +236,10 @@ class RoutingChurn(L.Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # the probe calls the inner model, outside the FSDP root that gathers the unwrapped weights
+            log.warning("RoutingChurn: not measured under FSDP (trainer=fsdp); use trainer=ddp to measure churn")
+            return
         if self.probe is None:
             self.probe = self.probe_ids(trainer)
             if self.probe is None:
