@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from moe_variants.routers.resources import FROM_CHECKPOINT
 from moe_variants.training.build import build_model, check_config, make_resources
 
 # a study's own groups (experiments/<study>/conf/) are composed and built by that study's tests
@@ -122,6 +123,7 @@ def test_run_names_say_every_override_but_how_a_run_is_run():
     assert same == a
     files = _hydra_names("data=text_files", "data.data_files=/a/b.txt")[0]
     assert files == "topk-s0,data.data_files=_a_b.txt,data=text_files"  # one folder: "/" -> "_"
+    assert _hydra_names("router_lr_scale=0")[0] == "topk-s0,router_lr_scale=0"  # a training setting
 
 
 def test_long_run_names_stay_unique_and_fit_a_folder_name():
@@ -129,6 +131,20 @@ def test_long_run_names_stay_unique_and_fit_a_folder_name():
 
     long_a, long_b = (run_name("hash", 0, ",".join(f"k{i}={v}" for i in range(60))) for v in ("x", "y"))
     assert long_a != long_b and len(long_a.encode()) <= MAX_NAME_BYTES and long_a.startswith("hash-s0,k0=x")
+
+
+@pytest.mark.parametrize("router", ["hash", "span_first_piece"])
+def test_table_seed_follows_the_run_seed_unless_set(router):
+    """Sweeping seed= varies the hash and vocabulary tables too; router.seed= pins one."""
+    def table(*overrides: str) -> tuple[int, torch.Tensor]:
+        cfg = compose_cfg([f"router={router}", "model.vocab_size=512", *overrides])
+        # FROM_CHECKPOINT: corpus-derived buffers are placeholders; the seeded expert table is built all the same
+        return cfg.router.seed, build_model(cfg, resources=FROM_CHECKPOINT).routers[0].expert_table
+
+    (s0, t0), (s1, t1), (s5, t5) = table("seed=0"), table("seed=1"), table("seed=1", "router.seed=5")
+    assert (s0, s1, s5) == (0, 1, 5)
+    assert not torch.equal(t0, t1) and not torch.equal(t1, t5)
+    assert torch.equal(t5, table("seed=2", "router.seed=5")[1])  # the table follows router.seed alone
 
 
 def test_help_describes_the_app():

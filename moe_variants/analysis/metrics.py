@@ -613,3 +613,25 @@ def span_coherence(
     out["first"] = _ratio((agree[:, 0] & multi).sum(), n_multi)
     out["all"] = _ratio((agree[:, 1:].all(-1) & multi).sum(), n_multi)
     return {k: out[k] for k in ("first", "all", "pairs_within", "pairs_across")}
+
+
+# ----------------------------------------------------------------------------------------------- churn
+def expert_sets(expert_ids: Any, dropped: Any = None) -> torch.Tensor:
+    """(..., K) expert ids -> (..., K) the same sets in a canonical order (ascending), so that two decisions with
+    the same experts in another order compare equal. Slots in ``dropped`` (..., K) bool (no expert computes them)
+    become -1: a set holds the experts that computed the token."""
+    ids = _t(expert_ids).long()
+    if dropped is not None:
+        ids = ids.masked_fill(_t(dropped).bool(), -1)
+    return ids.sort(-1).values
+
+
+def set_churn(before: Any, after: Any) -> torch.Tensor:
+    """(..., L) bool: where the top-K expert *set* of a (token, layer) differs between two routings of the same
+    tokens. ``before`` / ``after``: (..., L, K) expert ids (order inside the K ignored; run :func:`expert_sets` on
+    routings with dropped slots first). The share of True is the routing churn."""
+    a, b = expert_sets(before), expert_sets(after)
+    if a.shape != b.shape:
+        raise ValueError(f"routing churn compares the same tokens and layers: got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return (a != b).any(-1)

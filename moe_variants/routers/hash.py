@@ -3,7 +3,8 @@
 A fixed table maps a key to K distinct experts, different in every layer and saved in checkpoints as a
 buffer. Tables (``table``; their builders are the plain functions of ``routers.tables``):
 
-- ``random``: the current token id, experts drawn at random (seeded);
+- ``random``: the current token id, experts drawn at random (seeded: ``seed``, which the config sets to the run's
+  seed unless ``router.seed`` is given, so a seed sweep varies the table too);
 - ``balanced``: the current token id; every expert receives the same token mass on the training data, and
   the K-expert sets are as diverse as random ones (all E-choose-K sets used, a different partition per layer);
 - ``balanced_lpt``: the current token id, ids assigned greedily (most frequent first) to the K least loaded

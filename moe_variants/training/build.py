@@ -2,11 +2,11 @@
 
 Every check that can fail a run is done here, before the first training step, and raises ``ValueError`` naming
 the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``model.vocab_size``, a learning
-rate <= 0, a ``ckpt_path`` whose config differs from the current one in what is trained (model, router, experts,
-optimizer, schedule, loss, data, seed: ``checkpoint.TRAINING_KEYS``) unless ``resume_allow_changes`` names the keys,
-and an expert-parallel size (``conf/parallel``) that does not divide ``model.num_experts`` or does not match the
-trainer's process count. A refused run writes nothing into its run dir: the run dir is claimed (and Hydra's
-``.hydra/`` files written into it) only after the checks.
+rate <= 0, a negative or non-finite ``router_lr_scale``, a ``ckpt_path`` whose config differs from the current one in
+what is trained (model, router, experts, optimizer, schedule, loss, data, seed: ``checkpoint.TRAINING_KEYS``) unless
+``resume_allow_changes`` names the keys, and an expert-parallel size (``conf/parallel``) that does not divide
+``model.num_experts`` or does not match the trainer's process count. A refused run writes nothing into its run
+dir: the run dir is claimed (and Hydra's ``.hydra/`` files written into it) only after the checks.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.resources import FROM_CHECKPOINT, RoutingResources, bind_resources
 from moe_variants.training.callbacks import BiasBalancing
 from moe_variants.training.checkpoint import (
+    ADDED_KEYS,
     CONFIG_KEY,
     MODEL_SECTIONS,
     NOT_COMPARED,
@@ -46,7 +47,7 @@ from moe_variants.training.checkpoint import (
     write_error,
 )
 from moe_variants.training.interrupt import SaveOnStop
-from moe_variants.training.lit import LitMoE
+from moe_variants.training.lit import LitMoE, check_router_lr_scale
 from moe_variants.training.naming import override_tags
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def check_config(cfg: DictConfig) -> ModelArgs:
             f"optimizer.lr={lr} with optimizer.weight_decay={wd}: AdamW multiplies every weight by 1 - lr x "
             f"weight_decay = {1 - lr * wd:.3g} each step, which ruins the weights at once; lower optimizer.lr"
         )
+    check_router_lr_scale(cfg.get("router_lr_scale", 1.0))
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     if max_steps is not None and max_steps <= 0:
         raise ValueError(f"trainer.max_steps={max_steps}: runs are counted in optimizer steps, set it > 0")
@@ -253,7 +255,7 @@ def check_checkpoint(config: dict[str, Any], ckpt_path: str, allow: Any = ()) ->
     ``MODEL_SECTIONS`` and ``TRAINING_KEYS`` (the stop step ``trainer.max_steps`` may change, the schedule's
     horizon ``scheduler.total_steps`` may not). ``allow`` (``resume_allow_changes``) lists the keys or sections a
     researcher changes on purpose; those are logged, any other difference is refused, listing the keys."""
-    saved = read_checkpoint(ckpt_path)[CONFIG_KEY]
+    saved = {**ADDED_KEYS, **read_checkpoint(ckpt_path)[CONFIG_KEY]}
     allow = [str(a) for a in (allow or ())]
     diffs = config_diff(saved, config, (*MODEL_SECTIONS, *TRAINING_KEYS), ignore=NOT_COMPARED)
     allowed = {k: v for k, v in diffs.items() if any(k == a or k.startswith(a + ".") for a in allow)}
@@ -482,6 +484,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         config=config,
         # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
         expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer),
+        router_lr_scale=cfg.get("router_lr_scale", 1.0),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))

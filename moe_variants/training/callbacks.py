@@ -1,5 +1,5 @@
-"""Training callbacks: live routing metrics and the bias update of auxiliary-loss-free balancing (throughput:
-``training.throughput``; W&B panels: ``training.dashboard``).
+"""Training callbacks: live routing metrics, routing churn on a fixed probe batch and the bias update of
+auxiliary-loss-free balancing (throughput: ``training.throughput``; W&B panels: ``training.dashboard``).
 
 ``RoutingMetrics`` and ``BiasBalancing`` read the routing decisions that ``LitMoE.training_step`` returns for its own
 step (no hooks, no global state); the metrics are the pure functions of ``moe_variants.analysis``.
@@ -7,14 +7,24 @@ step (no hooks, no global state); the metrics are the pure functions of ``moe_va
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
-from moe_variants.analysis.metrics import consecutive_repeat_rates, expert_load, router_entropy
+from moe_variants.analysis.metrics import (
+    consecutive_repeat_rates,
+    expert_load,
+    expert_sets,
+    router_entropy,
+    set_churn,
+)
 from moe_variants.model.experts import expert_counts
 from moe_variants.routers.aux_free import AuxFreeRouter
+
+log = logging.getLogger(__name__)
 
 
 class RoutingMetrics(L.Callback):
@@ -156,3 +166,124 @@ class BiasBalancing(L.Callback):
         for name in ("bias_min", "bias_max", "bias_std"):
             metrics[f"routing/{name}"] = sum(metrics[f"routing/layer{i}/{name}"] for i in routers) / len(routers)
         return metrics
+
+
+class RoutingChurn(L.Callback):
+    """How much the routing still changes: on a fixed probe batch (the first ``sequences_per_domain`` validation
+    windows of every domain, chosen once per run), the top-K expert *set* of every (token, layer) (order inside the
+    set ignored; dropped slots left out) at the start of training (init) and at the end of every validation.
+    Logs ``routing/churn`` (share of (token, layer) sets that changed since the previous evaluation),
+    ``routing/churn_from_init`` (since the init evaluation) and ``routing/churn/layer_<i>``; ``history`` (one
+    ``{"step", "churn", "churn_from_init"}`` per evaluation after init) goes into the run report as ``churn``.
+
+    The probe runs in eval mode without gradients, outside the training RNG stream, on every process (the same
+    windows everywhere: expert- and fully-sharded models need every rank in the forward; replicated routers give
+    every rank the same sets, so nothing is reduced). Its state (probe, init and previous sets, history) is saved
+    in checkpoints; a resumed run evaluates once at its first step unless the checkpoint's last evaluation was at
+    that step (the last validation of a stopped run runs after its checkpoint is written), so the history goes on
+    where it stopped. Not measured under FSDP (a warning says so).
+
+    Args:
+        sequences_per_domain: probe windows per validation domain (a few: it costs one forward of that many).
+    """
+
+    batch_rows = 8  # probe windows per forward
+
+    def __init__(self, sequences_per_domain: int = 4) -> None:
+        if sequences_per_domain < 1:
+            raise ValueError(f"RoutingChurn(sequences_per_domain={sequences_per_domain}): set it >= 1")
+        self.sequences_per_domain = int(sequences_per_domain)
+        self.probe: torch.Tensor | None = None  # (N, S) token ids
+        self.init_sets: torch.Tensor | None = None  # (N, S, L, K) sorted expert ids at init
+        self.prev_sets: torch.Tensor | None = None  # at the last evaluation
+        self.last_step: int | None = None  # step of the last evaluation
+        self.history: list[dict[str, float | int]] = []
+
+    # -- the probe ------------------------------------------------------------------------------------------
+    def probe_ids(self, trainer: L.Trainer) -> torch.Tensor | None:
+        """(N, S) the first windows of every validation domain, or None without validation data."""
+        source = trainer.datamodule if trainer.datamodule is not None else None
+        loaders = source.val_dataloader() if source is not None and hasattr(source, "val_dataloader") else None
+        if loaders is None:
+            return None
+        rows: list[torch.Tensor] = []
+        with torch.random.fork_rng(devices=[]):  # a loader iterator draws its base seed from the global RNG
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                taken = 0
+                for batch in loader:
+                    ids = batch["input_ids"][: self.sequences_per_domain - taken]
+                    rows.append(ids.cpu())
+                    taken += ids.shape[0]
+                    if taken >= self.sequences_per_domain:
+                        break
+        return torch.cat(rows) if rows else None
+
+    def routing_sets(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """(N, S, L, K) the sorted top-K expert sets of the probe under the current weights."""
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        chunks = []
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for ids in self.probe.split(self.batch_rows):  # no logits: the routing is all it needs
+                    out = model(ids.to(pl_module.device), return_logits=False)
+                    chunks.append(torch.stack([expert_sets(r.expert_ids, r.dropped).cpu().to(torch.int16)
+                                               for r in out.routing], dim=2))
+        finally:
+            model.train(was_training)
+        return torch.cat(chunks)
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # the probe calls the inner model, outside the FSDP root that gathers the unwrapped weights
+            log.warning("RoutingChurn: not measured under FSDP (trainer=fsdp); use trainer=ddp to measure churn")
+            return
+        if self.probe is None:
+            self.probe = self.probe_ids(trainer)
+            if self.probe is None:
+                log.info("RoutingChurn: no validation data, no churn is measured")
+                return
+        step = trainer.global_step
+        if self.init_sets is None:
+            if step > 0:
+                log.warning("RoutingChurn: the checkpoint holds no routing at init; churn_from_init counts from "
+                            "step %d", step)
+            self.init_sets = self.prev_sets = self.routing_sets(trainer, pl_module)
+            self.last_step = step
+        elif self.last_step != step:
+            self.record(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.init_sets is None or self.last_step == trainer.global_step:
+            return
+        metrics = self.record(trainer, pl_module)
+        pl_module.log_dict(metrics, add_dataloader_idx=False)
+
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Evaluate the probe now, append to ``history``, return the metrics to log."""
+        sets = self.routing_sets(trainer, pl_module)
+        changed = set_churn(self.prev_sets, sets).float()  # (N, S, L)
+        metrics = {"routing/churn": float(changed.mean()),
+                   "routing/churn_from_init": float(set_churn(self.init_sets, sets).float().mean())}
+        for i, share in enumerate(changed.mean(dim=(0, 1)).tolist()):
+            metrics[f"routing/churn/layer_{i}"] = share
+        self.prev_sets, self.last_step = sets, trainer.global_step
+        self.history.append({"step": trainer.global_step, "churn": metrics["routing/churn"],
+                             "churn_from_init": metrics["routing/churn_from_init"]})
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.init_sets is None:
+            return {}
+        return {"probe": self.probe, "init_sets": self.init_sets, "prev_sets": self.prev_sets,
+                "last_step": self.last_step, "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.probe, self.init_sets, self.prev_sets = state_dict["probe"], state_dict["init_sets"], state_dict[
+            "prev_sets"]
+        self.last_step, self.history = state_dict["last_step"], [dict(h) for h in state_dict["history"]]

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from moe_variants.model.losses import compose_loss
+from moe_variants.model.routing import Router
 from moe_variants.model.transformer import RMSNorm, Transformer
 from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
@@ -30,6 +31,9 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
     domains: validation domain names, index = dataloader_idx.
     config: the resolved run config, stored in every checkpoint (``checkpoint.load_model`` rebuilds from it).
     expert_parallel: EP size W; > 1 shards the experts over the W ranks of the (DDP) world in ``configure_model``.
+    router_lr_scale: the routers' learning rate is the optimizer's x this (``conf/config.yaml``); 0 freezes every
+        router at its init (AdamW's decay is scaled by the lr too). Any other value than 1 puts the router
+        parameters into parameter groups of their own (see :meth:`_param_groups`).
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         domains: Sequence[str] = ("all",),
         config: Mapping[str, Any] | None = None,
         expert_parallel: int = 1,
+        router_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -54,6 +59,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self.expert_parallel = int(expert_parallel)
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
+        self.router_lr_scale = check_router_lr_scale(router_lr_scale)
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
@@ -155,17 +161,29 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------------------
     def _param_groups(self) -> list[list[torch.nn.Parameter]]:
+        """The optimizer's parameter groups, in its order: [decay, no_decay], and with ``router_lr_scale`` != 1
+        also [router_decay, router_no_decay] (the parameters of every ``Router`` module, lr x the scale). At scale
+        1 the routers stay in the first two groups, so checkpoints written before the scale existed (two groups)
+        resume unchanged."""
         # weight decay on weights (linear, embedding, expert, router), none on RMSNorm gains; chosen by module
         # rather than by ndim so that it also holds for FSDP's flattened (1-D) parameter views
         norm_ids = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters(False)}
+        router_ids = set()
+        if self.router_lr_scale != 1.0:
+            router_ids = {id(p) for m in self.model.modules() if isinstance(m, Router) for p in m.parameters()}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if id(p) not in norm_ids]
-        no_decay = [p for p in params if id(p) in norm_ids]
-        return [decay, no_decay]
+        groups = []
+        for routers in (False, True) if router_ids else (False,):
+            mine = [p for p in params if (id(p) in router_ids) == routers]
+            groups += [[p for p in mine if id(p) not in norm_ids], [p for p in mine if id(p) in norm_ids]]
+        return groups
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = self._param_groups()  # (on_load_checkpoint relies on this order)
-        optimizer = self.make_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        groups = self._param_groups()  # (on_load_checkpoint relies on this order)
+        optimizer = self.make_optimizer([{"params": g, **({} if i % 2 == 0 else {"weight_decay": 0.0})}
+                                         for i, g in enumerate(groups)])
+        for group in optimizer.param_groups[2:]:  # the routers' groups; the scheduler scales each group's own lr
+            group["lr"] = group["lr"] * self.router_lr_scale
         if self.make_scheduler is None:
             return optimizer
         scheduler = self.make_scheduler(optimizer)
@@ -181,3 +199,13 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Runs before Lightning loads the weights and, later in ``fit``, the optimizer state from the same dict."""
         self.shard_expert_checkpoint(checkpoint)
+
+
+def check_router_lr_scale(scale: Any) -> float:
+    """``router_lr_scale`` as a float, or a ``ValueError`` naming the fix (negative, NaN/inf or not a number)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale < float("inf"):
+        raise ValueError(
+            f"router_lr_scale={scale!r}: the routers' learning rate is optimizer.lr x router_lr_scale; set a finite "
+            f"number >= 0 (1 = the same lr as the rest, 0 = routers frozen at their init)"
+        )
+    return float(scale)

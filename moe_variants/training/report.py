@@ -58,6 +58,7 @@ def make_report(
     checkpoint_seconds: float,
     wall_seconds: float,
     routing_shares: dict[str, float] | None = None,
+    churn: list[dict[str, Any]] | None = None,
     steps: int,
     name: str | None,
     experiment: str | None,
@@ -73,6 +74,7 @@ def make_report(
         train_token_counts: (V,) token counts of the training split (:func:`train_token_counts`).
         throughput: ``throughput.Throughput.summary()``: steady-state tokens/s and MFU, training clock split.
         checkpoint_seconds: time spent writing checkpoints; wall_seconds: the whole run, set-up included.
+        churn: routing churn per evaluation, ``{"step", "churn", "churn_from_init"}`` (``callbacks.RoutingChurn``).
     """
     h_unigram = unigram_entropy(train_token_counts)
     val_loss = val_metrics.get("val/loss", math.nan)
@@ -101,6 +103,7 @@ def make_report(
         "train_tokens_counted": int(train_token_counts.sum()),
         "beats_unigram": bool(val_loss < h_unigram),
         "routing_shares": routing_shares,
+        "churn": churn,
         "train_tokens": t["tokens"],
         "tokens_per_s": t["tokens_per_s"],  # steady state: see "throughput"
         "mfu": t["mfu"],
@@ -157,6 +160,9 @@ def write_report(report: dict[str, Any], run_dir: Path) -> str:
         *([f"Routing-vocabulary router, validation tokens routed by: a vocabulary entry "
            f"{100 * r['routing_shares']['vocab']:.1f}%, a hashed bucket {100 * r['routing_shares']['bucket']:.1f}%, "
            f"the learned gate {100 * r['routing_shares']['learned']:.1f}%.", ""] if r.get("routing_shares") else []),
+        *([f"Routing churn on the probe batch at step {r['churn'][-1]['step']}: "
+           f"{100 * r['churn'][-1]['churn']:.1f}% of (token, layer) top-k sets changed since the previous "
+           f"evaluation, {100 * r['churn'][-1]['churn_from_init']:.1f}% since init.", ""] if r.get("churn") else []),
         f"- W&B run: {r['wandb_run_dir']} (to upload an offline run: `wandb sync {r['wandb_run_dir']}`)"
         if r["wandb_run_dir"] else "- W&B run: none (no W&B logger)",
         f"- checkpoint: {r['checkpoint']}",

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from moe_variants.paths import CONF_DIR
 from moe_variants.training import naming  # noqa: F401  (registers the run-name resolver before Hydra needs it)
 from moe_variants.training.build import Run, build
+from moe_variants.training.callbacks import RoutingChurn
 from moe_variants.training.checkpoint import NO_SPACE, NOT_WRITABLE
 from moe_variants.training.console import log_through_root
 from moe_variants.training.dashboard import report_to_wandb
@@ -85,11 +86,12 @@ def report_of(r: Run, val: dict[str, float], wall_seconds: float) -> dict[str, A
     """``report.make_report`` of a finished run, from the parts of the run it reports on."""
     throughput = next((cb for cb in r.trainer.callbacks if isinstance(cb, Throughput)), Throughput())  # or none
     ckpt_cb = r.trainer.checkpoint_callback
+    churn = next((cb.history for cb in r.trainer.callbacks if isinstance(cb, RoutingChurn)), None)
     return make_report(
         model=r.model, val_metrics=val,
         train_token_counts=train_token_counts(r.datamodule, r.model.args.vocab_size, r.resources),
         throughput=throughput.summary(), checkpoint_seconds=Throughput.checkpoint_seconds(r.trainer),
-        wall_seconds=wall_seconds, routing_shares=vocab_routing_shares(r.model, r.datamodule),
+        wall_seconds=wall_seconds, routing_shares=vocab_routing_shares(r.model, r.datamodule), churn=churn,
         steps=r.trainer.global_step, name=r.config.get("name"),
         experiment=r.config.get("experiment"), tags=r.tags, run_dir=r.run_dir,
         checkpoint=(ckpt_cb.last_model_path or None) if ckpt_cb is not None else None,
