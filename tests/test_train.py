@@ -304,18 +304,41 @@ def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
-def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies"):
-        run(compose_run(tmp_path, "optimizer.lr=1e6"))
-    assert not any(tmp_path.iterdir())  # refused before anything was written
-    # without weight decay the weights reach ~1e5 within 3 steps, then the gradients overflow
-    with pytest.raises(FloatingPointError, match=r"NaN/inf (gradient|loss) at step (\d+) .*largest \|weight\| now"):
-        run(compose_run(tmp_path, "optimizer.lr=1e6", "optimizer.weight_decay=0", "trainer.max_steps=8",
-                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1", *SMALL))
-    ckpts = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/*")}
-    assert "last.ckpt" in ckpts and len(ckpts) >= 2
-    assert all(not checkpoint_nonfinite(c) for c in ckpts.values())
-    assert ckpts["last.ckpt"]["global_step"] == max(c["global_step"] for c in ckpts.values()) < 8
+def test_huge_learning_rate_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
+    """optimizer.lr=1e6 with the default weight decay 0.1: AdamW multiplies every weight by 1 - 1e5 at the first
+    step. The run trains (with a warning), the guard stops it right after that step, before anything of it is saved:
+    last.ckpt is the initial state. Resumed with a sane LR (explicitly) it trains on, and the LR taken is the new
+    one; resumed from step 3 with lr=1e6 again it stops at step 3 and last.ckpt stays the finite step-3 state."""
+    steps = ["trainer.max_steps=6", "scheduler.total_steps=6", "callbacks.checkpoint.every_n_train_steps=1",
+             "report=false", *SMALL]
+    allow = ["ckpt_path=last", "resume_allow_changes=[optimizer.lr]"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def largest_weight(ckpt: dict) -> float:
+        return max(float(v.abs().max()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+    with pytest.warns(UserWarning, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies "
+                                         r"every weight by 1 - lr x weight_decay = -1e\+05"):
+        with pytest.raises(FloatingPointError, match=r"the weights blew up \(the largest \|weight\| went from 1 to "
+                                                     r".*e\+05\) after the optimizer step at step 0(.|\n)*lower the LR "
+                                                     r"\(optimizer.lr"):
+            run(compose_run(tmp_path, "optimizer.lr=1e6", *steps))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    initial = torch.load(last, map_location="cpu", weights_only=False)
+    assert initial["global_step"] == 0 and not checkpoint_nonfinite(initial) and largest_weight(initial) == 1.0
+
+    run(compose_run(tmp_path, "optimizer.lr=3e-3", *allow, *steps, "trainer.max_steps=3"))
+    lrs = csv_losses(tmp_path, "train/lr")
+    assert [lrs[s] for s in sorted(lrs)] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # warmup 2: the new LR, not 1e6
+    good = torch.load(last, map_location="cpu", weights_only=False)
+    assert good["global_step"] == 3 and largest_weight(good) < 1.1
+
+    with pytest.raises(FloatingPointError, match=r"the weights blew up .* at step 3"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6", *allow, *steps))
+    kept = torch.load(last, map_location="cpu", weights_only=False)
+    assert kept["global_step"] == 3 and not checkpoint_nonfinite(kept)
+    assert all(torch.equal(kept["state_dict"][k], good["state_dict"][k]) for k in good["state_dict"])
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", *(f"step00000{i}.ckpt" for i in (1, 2, 3))]
 
 
 def test_checkpoint_io_refuses_nonfinite_values(tmp_path):

@@ -2,7 +2,9 @@
 
 Lightning's ``ModelCheckpoint`` writes ``last.ckpt`` only with its step cadence, so a run stopping between two
 cadence steps (``trainer.max_steps`` not a multiple of ``every_n_train_steps``) lost its last steps; here the final
-step is always in ``checkpoints/last.ckpt``.
+step is always in ``checkpoints/last.ckpt``. A fresh run also saves its initial state (step 0) there before the
+first step, so that a run whose first step already blows up (``optimizer.lr=1e6``) has a finite checkpoint to resume
+from with a lower LR.
 
 The first Ctrl-C (SIGINT) only sets a flag; the step that is running completes, is saved, and training stops by
 raising :class:`Interrupted` (``training.run`` then closes the W&B run as interrupted and prints the command that
@@ -48,6 +50,8 @@ class SaveOnStop(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.requested = False
+        if trainer.global_step == 0 and trainer.ckpt_path is None:  # a fresh run's initial state: a run that
+            trainer.save_checkpoint(self.checkpoint)  # blows up at its first step still has one to resume from
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
