@@ -7,16 +7,14 @@ import csv
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
-from google.protobuf.message import DecodeError
 from hydra import compose, initialize_config_dir
 
 from moe_variants.routers.topk import TopKRouter
@@ -37,68 +35,6 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
     base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[*base, *overrides])
-
-
-# -- reading W&B offline runs back (a .wandb file: LevelDB-log framing of protobuf Records) -----------------
-def wandb_records(path: Path, block: int = 32768):
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf = path.read_bytes(), 7, b""  # 7-byte file header
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:
-            pos += block - pos % block
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # full record / last fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
-            buf = b""
-            yield rec
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-
-
-def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
-    """Name, project, group, tags, config, history, metric definitions and summary of the (last) offline W&B run
-    under ``run_dir``. wandb-core may still be flushing right after ``finish()``, so wait for the run's exit
-    record."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        assert files, f"no offline W&B run under {run_dir}"
-        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False, "metrics": {}, "summary": {}}
-        try:
-            recs = list(wandb_records(files[-1]))
-        except DecodeError:  # a record wandb-core has not finished writing: read again
-            time.sleep(0.2)
-            continue
-        for rec in recs:
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
-                out.update(name=rec.run.display_name, project=rec.run.project, job_type=rec.run.job_type)
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-            elif kind == "metric":  # define_metric
-                out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric
-            elif kind == "summary":
-                out["summary"].update(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-            elif kind == "config":
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-            elif kind == "history":
-                out["history"].append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-            elif kind == "exit":
-                out["exited"] = True
-        if out["exited"] or time.monotonic() > deadline:
-            return out
-        time.sleep(0.2)
 
 
 def csv_losses(run_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
@@ -154,7 +90,7 @@ def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
         name = f"hash-s0,{common},router.table={table},scheduler.warmup_steps=2,trainer.accelerator=cpu"
         run_dir = tmp_path / "runs" / "sweep1" / name
         assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run_dir.parent.iterdir())
-        wb = read_wandb_run(run_dir)
+        wb = read_run(run_dir)  # the job's process has exited: the file is complete
         assert wb["group"] == "sweep1" and wb["name"] == name
         assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
         assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
@@ -275,14 +211,20 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
     from moe_variants.training.build import build
 
+    class PoisonNorm(L.Callback):  # after the run saved its initial state: a NaN loss at step 0
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.model.norm.weight.fill_(float("nan"))
+
     r = build(compose_run(tmp_path, "trainer.max_steps=2"))
-    with torch.no_grad():
-        r.model.norm.weight.fill_(float("nan"))
+    r.trainer.callbacks.insert(0, PoisonNorm())
     before = {k: v.clone() for k, v in r.model.state_dict().items()}
     with pytest.raises(FloatingPointError, match=r"NaN/inf loss at step 0 .*lower the LR"):
         r.trainer.fit(r.lit, datamodule=r.datamodule)
     after = r.model.state_dict()
     assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
+    initial = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert initial["global_step"] == 0 and not checkpoint_nonfinite(initial)  # the initial state, saved before
 
 
 def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
