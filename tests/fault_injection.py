@@ -1,7 +1,8 @@
 """Test-only Lightning callbacks: ``KillAt`` signals its own process at a chosen optimizer step: SIGKILL between steps
-(before that step's checkpoint is written) or in the middle of writing a checkpoint, or SIGINT (Ctrl-C). Added to a
-run with ``+callbacks.kill._target_=fault_injection.KillAt +callbacks.kill.step=K`` and optionally
-``+callbacks.kill.during_save=true`` or ``+callbacks.kill.signal=SIGINT``; ``NanGradAt`` poisons a gradient."""
+(before that step's checkpoint is written) or in the middle of writing a checkpoint, or SIGINT (Ctrl-C) or SIGTERM.
+Added to a run with ``+callbacks.kill._target_=fault_injection.KillAt +callbacks.kill.step=K`` and optionally
+``+callbacks.kill.during_save=true`` or ``+callbacks.kill.signal=SIGINT`` (or ``SIGTERM``); ``NanGradAt`` poisons a
+gradient."""
 
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ import stat
 
 import pytest
 from omegaconf import OmegaConf
-from test_train import compose_run, read_wandb_run
+from test_train import compose_run
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants.training.checkpoint import save_atomic
 from moe_variants.training.console import LIGHTNING_LOGGERS, log_through_root
 from moe_variants.training.run import run
+from moe_variants.training.wandb_offline import read_run
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +29,19 @@ def hash_run(tmp_path_factory):
 
 def test_training_run_logs_load_heatmaps_repeat_any_and_best_val_loss(hash_run):
     run_dir, report = hash_run
-    wb = read_wandb_run(run_dir)
-    assert wb["exited"]
+    wb = read_run(run_dir, wait_s=60)
+    assert wb["exit_code"] == 0
     key = "routing/load_heatmap"
-    heatmaps = {row["trainer/global_step"]: row for row in wb["history"] if f"{key}/_type" in row}
+    heatmaps = {row["trainer/global_step"]: row for row in wb["history"] if f"{key}._type" in row}
     assert sorted(heatmaps) == [0, 3]
-    assert all(h[f"{key}/_type"] == "images/separated" and h[f"{key}/format"] == "png" for h in heatmaps.values())
+    assert all(h[f"{key}._type"] == "images/separated" and h[f"{key}.format"] == "png" for h in heatmaps.values())
     media = sorted((run_dir / "wandb").glob("offline-run-*/files/media/images/routing/load_heatmap_*.png"))
     assert len(media) == 2 and all(p.stat().st_size > 1000 for p in media)
     logged = {k for row in wb["history"] for k in row}
     assert {"routing/repeat_any", "routing/layer0/repeat_any", "routing/layer1/repeat_any"} <= logged
     for name in ("val/loss", "val/alpha/loss", "train/loss"):  # define_metric: min and last, on the step axis
         metric = wb["metrics"][name]
-        assert metric.summary.min and metric.summary.last and metric.step_metric == "trainer/global_step"
+        assert metric["summary"] == {"min": True, "last": True} and metric["step_metric"] == "trainer/global_step"
     assert wb["summary"]["val/loss"]["min"] == pytest.approx(report["val_loss"])
     assert wb["summary"]["report/tokens_per_s"] == pytest.approx(report["tokens_per_s"])
 
@@ -80,14 +81,14 @@ def test_analysis_run_groups_with_the_run_it_analyses(hash_run, corpus, tmp_path
                                 domains=None, sequences_per_domain=2, seq_len=32, batch_size=2, layers=None,
                                 wandb=True, wandb_mode="offline"))
     analyze(cfg)
-    wb = read_wandb_run(tmp_path / "hash-s1")
-    assert wb["exited"] and wb["project"] == "moe-variants" and wb["group"] == "dash"
+    wb = read_run(tmp_path / "hash-s1", wait_s=60)
+    assert wb["exit_code"] == 0 and wb["project"] == "moe-variants" and wb["group"] == "dash"
     assert wb["job_type"] == "analysis" and {"analysis", "hash", "seed-1"} <= set(wb["tags"])
     config = wb["config"]
     assert config["seed"] == 1 and config["experiment"] == "dash" and config["choices"]["router"] == "hash"
     assert config["router"]["_target_"].endswith("HashRouter") and config["analysis"]["checkpoint"] == str(run_dir)
     assert wb["summary"]["analysis/token_id_predictability"] == 1.0  # a hash router is a function of the token id
-    assert {"table5", "load_heatmap", "layer/repeat_any"} <= {k.split("/_type")[0] for row in wb["history"]
+    assert {"table5", "load_heatmap", "layer/repeat_any"} <= {k.split("._type")[0] for row in wb["history"]
                                                               for k in row}
 
 

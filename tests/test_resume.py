@@ -10,11 +10,16 @@ Sitting 3 resumes before the halfway point and runs past it (where a data loader
 batch counter cuts short used to replay earlier batches), sitting 4 resumes after it, at a step that is no
 checkpoint step.
 Real corpus data module (tiny corpus, a small BPE vocabulary so that checkpoints are small), tiny model, CPU.
+
+The shard data module (``data=large``, ``data=datasets``: memory-mapped token shards) reads the same checkpointed
+endless stream: a run of it stopped by SIGTERM (what a cluster scheduler sends on preemption) at step 3 of 12 is
+saved at that step, exits with 143 and, resumed, ends bit for bit where its uninterrupted run ends.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -30,14 +35,15 @@ from moe_variants.data.tokenizer import load_tokenizer
 from moe_variants.training.run import run
 
 STEPS, VOCAB = 12, 300
+TEXTS = {"prose": "It was a fine morning, and Emma walked {i} miles to Highbury with Mr. Knightley. ",
+         "code": "    def f{i}(x, y):\n        return x * {i} + y  # the {i}th helper\n"}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A tiny corpus and its BPE tokenizer under a private data root (the tokenizer is cached there)."""
     root = tmp_path_factory.mktemp("resume_data")
-    texts = {"prose": "It was a fine morning, and Emma walked {i} miles to Highbury with Mr. Knightley. ",
-             "code": "    def f{i}(x, y):\n        return x * {i} + y  # the {i}th helper\n"}
+    texts = TEXTS
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_CACHE", str(root / "hf_cache"))
         mp.setenv("MOE_DATA_ROOT", str(root))
@@ -55,13 +61,14 @@ def overrides(corpus: Path) -> list[str]:
             "report=false", "name=fi"]
 
 
-def run_in_process(run_dir: Path, corpus: Path, *extra: str) -> dict:
+def run_in_process(run_dir: Path, corpus: Path, *extra: str, base: list[str] | None = None) -> dict:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return run(compose("config", overrides=[*overrides(corpus), f"run_dir={run_dir}", *extra]))
+        return run(compose("config", overrides=[*(base or overrides(corpus)), f"run_dir={run_dir}", *extra]))
 
 
-def run_stopped(run_dir: Path, corpus: Path, step: int, *how: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moe_variants.training.run", *overrides(corpus), f"hydra.run.dir={run_dir}",
+def run_stopped(run_dir: Path, corpus: Path, step: int, *how: str, base: list[str] | None = None
+                ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moe_variants.training.run", *(base or overrides(corpus)), f"hydra.run.dir={run_dir}",
            "ckpt_path=last", "+callbacks.kill._target_=fault_injection.KillAt", f"+callbacks.kill.step={step}", *how]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
 
@@ -155,3 +162,48 @@ def test_ddp_resume_before_the_halfway_point_is_exact(tmp_path_factory, corpus):
     final, want = checkpoint(run_dir), checkpoint(ref_dir)
     assert final["global_step"] == STEPS
     assert all(torch.equal(final["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory, corpus):
+    """``data=datasets`` overrides: the same texts as JSON Lines, tokenized once into shards (ShardDataModule's
+    memory-mapped windows) by the corpus fixture's BPE tokenizer."""
+    root = tmp_path_factory.mktemp("shard_data")
+    tokenizer = root / "tokenizer.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOE_DATA_ROOT", str(corpus.parent))
+        load_tokenizer(f"bpe:{VOCAB}", corpus).save(str(tokenizer))
+    files = {}
+    for split, keep in (("train", lambda i: i % 4), ("validation", lambda i: not i % 4)):
+        rows = [{"text": t.format(i=i) * 12, "domain": d} for d, t in TEXTS.items() for i in range(12) if keep(i)]
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["data=datasets", "data.path=json", f"data.data_files={{train:{files['train']},validation:"
+            f"{files['validation']}}}", "data.validation_split=validation", f"data.cache_dir={root / 'cache'}",
+            f"data.tokenizer={tokenizer}", "data.shard_tokens=2048"]
+    return [o for o in overrides(corpus) if not o.startswith(("data.corpus_dir", "data.tokenizer"))] + data
+
+
+def test_sigterm_on_shard_data_saves_the_step_and_resumes_bit_exact(tmp_path_factory, shard_data):
+    ref_dir, run_dir = tmp_path_factory.mktemp("shard_ref"), tmp_path_factory.mktemp("shard_stopped")
+    ref_report = run_in_process(ref_dir, None, base=shard_data)
+    [ref] = sittings(ref_dir)
+    assert sorted(ref["train/lm_loss"]) == list(range(STEPS))
+
+    stopped = run_stopped(run_dir, None, 3, "+callbacks.kill.signal=SIGTERM", base=shard_data)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]  # the shell's code for SIGTERM
+    assert "SIGTERM: finishing this step and saving it to" in stopped.stderr
+    assert "interrupted (SIGTERM): step 3 saved to" in stopped.stderr and "resume with:\n  moe-train " in stopped.stderr
+    assert checkpoint(run_dir)["global_step"] == 3  # checkpoints every 2 steps: the SIGTERM step was saved
+    assert "DatasetsDataModule" in checkpoint(run_dir)  # the stream position is checkpoint state
+    report = run_in_process(run_dir, None, "ckpt_path=last", base=shard_data)
+
+    first, second = sittings(run_dir)
+    assert min(first["train/lm_loss"]) == 0 and sorted(second["train/lm_loss"]) == list(range(3, STEPS))
+    for part in (first, second):  # bit for bit, also past the halfway point and the data's epoch boundaries
+        assert part["train/lm_loss"] == {s: ref["train/lm_loss"][s] for s in part["train/lm_loss"]}
+        assert part["val/loss"] == {s: ref["val/loss"][s] for s in part["val/loss"]}
+    assert report["val_loss"] == ref_report["val_loss"]
+    final, want = checkpoint(run_dir), checkpoint(ref_dir)
+    assert final["global_step"] == STEPS
+    assert all(torch.equal(final["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"]), "weights"

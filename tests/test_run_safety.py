@@ -1,11 +1,12 @@
 """What a run does when it cannot or must not go on: refused runs leave the run dir as it was, a full disk or a
-read-only folder gives one clear line naming the path, Ctrl-C saves the step it finishes and closes the W&B run as
-interrupted, a learning rate <= 0 is refused, and numeric names work."""
+read-only folder gives one clear line naming the path, Ctrl-C and SIGTERM save the step they finish and close the
+W&B run as interrupted, a learning rate <= 0 is refused, and numeric names work."""
 
 from __future__ import annotations
 
 import errno
 import os
+import signal as signal_module
 import socket
 import subprocess
 import sys
@@ -91,20 +92,26 @@ def test_full_disk_and_read_only_folder_give_one_clear_line(tmp_path, monkeypatc
             claim_run_dir(tmp_path)
 
 
-def test_ctrl_c_saves_the_step_and_marks_the_wandb_run_interrupted(tmp_path, capsys):
-    """SIGINT during training (sent by a test callback after step 2, in this process): step 2 is finished and
-    saved, W&B records exit code 130, the resume command is printed. The numeric name=7 is the W&B run's name."""
+@pytest.mark.parametrize(("signal", "name", "code"), [("SIGINT", "Ctrl-C", 130), ("SIGTERM", "SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_save_the_step_and_mark_the_wandb_run_interrupted(tmp_path, capsys, signal, name, code):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training (sent by a test callback after step 2,
+    in this process): step 2 is finished and saved, W&B records the shell's exit code for the signal, the resume
+    command is printed, and the handlers in place before the run are back. The numeric name=7 is the W&B run's
+    name."""
+    before = {s: signal_module.getsignal(s) for s in (signal_module.SIGINT, signal_module.SIGTERM)}
     cfg = compose_run(tmp_path, "logger=wandb", "trainer.max_steps=6", "+callbacks.kill.step=2",
-                      "+callbacks.kill._target_=fault_injection.KillAt", "+callbacks.kill.signal=SIGINT", name="7")
-    with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\): step 2 saved to .*last.ckpt"):
+                      "+callbacks.kill._target_=fault_injection.KillAt", f"+callbacks.kill.signal={signal}", name="7")
+    with pytest.raises(Interrupted, match=rf"interrupted \({name}\): step 2 saved to .*last.ckpt") as stop:
         run(cfg)
+    assert stop.value.exit_code == code
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     err = capsys.readouterr().err
-    assert "Ctrl-C: finishing this step and saving it to" in err
+    assert f"{name}: finishing this step and saving it to" in err
     assert f"resume with:\n  moe-train hydra.run.dir={tmp_path} ckpt_path=last" in err
     wb = read_run(tmp_path, wait_s=60)
-    assert wb["exit_code"] == 130 and wb["config"]["name"] == "7"
+    assert wb["exit_code"] == code and wb["config"]["name"] == "7"
     assert not (tmp_path / ".running").exists()
+    assert {s: signal_module.getsignal(s) for s in before} == before
 
 
 @pytest.mark.parametrize(("lr", "shown"), [("0", "0"), ("-1e-3", "-0.001")])

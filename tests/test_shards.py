@@ -4,6 +4,7 @@ fingerprint (trained on and analysed per domain)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.parse
 from pathlib import Path
@@ -188,16 +189,23 @@ def _bpe_json(tmp: Path) -> Path:
 
 
 def test_shard_resume_is_exact(large):
+    """The shard windows are read through CorpusDataModule's endless stream: a data module restored from the state
+    saved at step k (in every checkpoint) continues with exactly the batches of the uninterrupted stream, early, in
+    the middle and across an epoch boundary of the windows."""
     out, _ = large
     dm = _dm(out, batch_size=3)
     max_steps, accum = len(dm.train_windows) // 3 + 4, 2  # crosses an epoch boundary
     _attach(dm, 0, max_steps, accum)
-    full = [b["input_ids"] for b in dm.train_dataloader()]
-    for k in (1, max_steps - 1):
+    with pytest.raises(TypeError):
+        len(dm.train_dataloader())  # endless: only max_steps ends it, never a restored batch counter
+    full = [b["input_ids"] for b in itertools.islice(dm.train_dataloader(), max_steps * accum)]
+    for k in (1, max_steps // 3, max_steps - 1):
         _attach(dm, k, max_steps, accum)
-        tail = [b["input_ids"] for b in dm.train_dataloader()]
-        assert len(tail) == (max_steps - k) * accum
-        assert all(torch.equal(x, y) for x, y in zip(tail, full[k * accum:]))
+        resumed = _dm(out, batch_size=3)
+        _attach(resumed, k, max_steps, accum)
+        resumed.load_state_dict(dm.state_dict())
+        tail = [b["input_ids"] for b in itertools.islice(resumed.train_dataloader(), (max_steps - k) * accum)]
+        assert all(torch.equal(x, y) for x, y in zip(tail, full[k * accum:], strict=True))
 
 
 def test_pack_unpack_partial_and_damaged(large, tmp_path):

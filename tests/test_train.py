@@ -7,16 +7,14 @@ import csv
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
-from google.protobuf.message import DecodeError
 from hydra import compose, initialize_config_dir
 
 from moe_variants.routers.topk import TopKRouter
@@ -37,68 +35,6 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
     base = [f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"run_dir={tmp}", f"name={name}", "logger=csv", *FAST]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[*base, *overrides])
-
-
-# -- reading W&B offline runs back (a .wandb file: LevelDB-log framing of protobuf Records) -----------------
-def wandb_records(path: Path, block: int = 32768):
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf = path.read_bytes(), 7, b""  # 7-byte file header
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:
-            pos += block - pos % block
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # full record / last fragment
-            rec = pb.Record()
-            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
-            buf = b""
-            yield rec
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-
-
-def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
-    """Name, project, group, tags, config, history, metric definitions and summary of the (last) offline W&B run
-    under ``run_dir``. wandb-core may still be flushing right after ``finish()``, so wait for the run's exit
-    record."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        assert files, f"no offline W&B run under {run_dir}"
-        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False, "metrics": {}, "summary": {}}
-        try:
-            recs = list(wandb_records(files[-1]))
-        except DecodeError:  # a record wandb-core has not finished writing: read again
-            time.sleep(0.2)
-            continue
-        for rec in recs:
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
-                out.update(name=rec.run.display_name, project=rec.run.project, job_type=rec.run.job_type)
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-            elif kind == "metric":  # define_metric
-                out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric
-            elif kind == "summary":
-                out["summary"].update(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-            elif kind == "config":
-                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-            elif kind == "history":
-                out["history"].append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-            elif kind == "exit":
-                out["exited"] = True
-        if out["exited"] or time.monotonic() > deadline:
-            return out
-        time.sleep(0.2)
 
 
 def csv_losses(run_dir: Path, key: str = "train/lm_loss") -> dict[int, float]:
@@ -154,7 +90,7 @@ def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
         name = f"hash-s0,{common},router.table={table},scheduler.warmup_steps=2,trainer.accelerator=cpu"
         run_dir = tmp_path / "runs" / "sweep1" / name
         assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run_dir.parent.iterdir())
-        wb = read_wandb_run(run_dir)
+        wb = read_run(run_dir)  # the job's process has exited: the file is complete
         assert wb["group"] == "sweep1" and wb["name"] == name
         assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
         assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
@@ -275,14 +211,20 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
     from moe_variants.training.build import build
 
+    class PoisonNorm(L.Callback):  # after the run saved its initial state: a NaN loss at step 0
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.model.norm.weight.fill_(float("nan"))
+
     r = build(compose_run(tmp_path, "trainer.max_steps=2"))
-    with torch.no_grad():
-        r.model.norm.weight.fill_(float("nan"))
+    r.trainer.callbacks.insert(0, PoisonNorm())
     before = {k: v.clone() for k, v in r.model.state_dict().items()}
     with pytest.raises(FloatingPointError, match=r"NaN/inf loss at step 0 .*lower the LR"):
         r.trainer.fit(r.lit, datamodule=r.datamodule)
     after = r.model.state_dict()
     assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
+    initial = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert initial["global_step"] == 0 and not checkpoint_nonfinite(initial)  # the initial state, saved before
 
 
 def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
@@ -304,18 +246,41 @@ def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
-def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies"):
-        run(compose_run(tmp_path, "optimizer.lr=1e6"))
-    assert not any(tmp_path.iterdir())  # refused before anything was written
-    # without weight decay the weights reach ~1e5 within 3 steps, then the gradients overflow
-    with pytest.raises(FloatingPointError, match=r"NaN/inf (gradient|loss) at step (\d+) .*largest \|weight\| now"):
-        run(compose_run(tmp_path, "optimizer.lr=1e6", "optimizer.weight_decay=0", "trainer.max_steps=8",
-                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1", *SMALL))
-    ckpts = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/*")}
-    assert "last.ckpt" in ckpts and len(ckpts) >= 2
-    assert all(not checkpoint_nonfinite(c) for c in ckpts.values())
-    assert ckpts["last.ckpt"]["global_step"] == max(c["global_step"] for c in ckpts.values()) < 8
+def test_huge_learning_rate_keeps_the_last_good_checkpoint_and_resume_works(tmp_path):
+    """optimizer.lr=1e6 with the default weight decay 0.1: AdamW multiplies every weight by 1 - 1e5 at the first
+    step. The run trains (with a warning), the guard stops it right after that step, before anything of it is saved:
+    last.ckpt is the initial state. Resumed with a sane LR (explicitly) it trains on, and the LR taken is the new
+    one; resumed from step 3 with lr=1e6 again it stops at step 3 and last.ckpt stays the finite step-3 state."""
+    steps = ["trainer.max_steps=6", "scheduler.total_steps=6", "callbacks.checkpoint.every_n_train_steps=1",
+             "report=false", *SMALL]
+    allow = ["ckpt_path=last", "resume_allow_changes=[optimizer.lr]"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def largest_weight(ckpt: dict) -> float:
+        return max(float(v.abs().max()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+    with pytest.warns(UserWarning, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies "
+                                         r"every weight by 1 - lr x weight_decay = -1e\+05"):
+        with pytest.raises(FloatingPointError, match=r"the weights blew up \(the largest \|weight\| went from 1 to "
+                                                     r".*e\+05\) after the optimizer step at step 0(.|\n)*lower the LR "
+                                                     r"\(optimizer.lr"):
+            run(compose_run(tmp_path, "optimizer.lr=1e6", *steps))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    initial = torch.load(last, map_location="cpu", weights_only=False)
+    assert initial["global_step"] == 0 and not checkpoint_nonfinite(initial) and largest_weight(initial) == 1.0
+
+    run(compose_run(tmp_path, "optimizer.lr=3e-3", *allow, *steps, "trainer.max_steps=3"))
+    lrs = csv_losses(tmp_path, "train/lr")
+    assert [lrs[s] for s in sorted(lrs)] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # warmup 2: the new LR, not 1e6
+    good = torch.load(last, map_location="cpu", weights_only=False)
+    assert good["global_step"] == 3 and largest_weight(good) < 1.1
+
+    with pytest.raises(FloatingPointError, match=r"the weights blew up .* at step 3"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6", *allow, *steps))
+    kept = torch.load(last, map_location="cpu", weights_only=False)
+    assert kept["global_step"] == 3 and not checkpoint_nonfinite(kept)
+    assert all(torch.equal(kept["state_dict"][k], good["state_dict"][k]) for k in good["state_dict"])
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", *(f"step00000{i}.ckpt" for i in (1, 2, 3))]
 
 
 def test_checkpoint_io_refuses_nonfinite_values(tmp_path):

@@ -3,10 +3,11 @@
 
 Both offer the interface of ``CorpusDataModule`` (batch keys ``input_ids``, ``labels``, ``domain_ids``,
 ``doc_start``; ``vocab_size``, ``domains``, one validation loader per domain,
-``train_token_chunks``, ``tokenizer_fingerprint``, ``data_fingerprint``) and its resume contract: the training
-stream is ``ResumableSampler`` over the shards' windows, so the stream position is ``global_step x batch_size x
-accumulate_grad_batches x world_size``, exactly. Nothing loads the corpus into memory: windows are read from
-memory-mapped shards as batches are drawn.
+``train_token_chunks``, ``tokenizer_fingerprint``, ``data_fingerprint``) and, inherited unchanged, its resume
+contract: training reads ``CorpusDataModule``'s endless stream of per-epoch permutations over the shards' windows,
+and the stream position is the data module's state in every checkpoint, so a resumed run reads exactly the windows
+the uninterrupted run would have read, whatever step it stopped at. Nothing loads the corpus into memory: windows
+are read from memory-mapped shards as batches are drawn.
 """
 
 from __future__ import annotations

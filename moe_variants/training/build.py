@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,13 @@ def check_config(cfg: DictConfig) -> ModelArgs:
     if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
         raise ValueError(f"optimizer.lr={lr!r} trains nothing (or diverges at once): set a learning rate > 0")
     if lr is not None and str(opt.get("_target_", "")).endswith("AdamW") and lr * wd >= 1:
-        raise ValueError(
+        # trained anyway (an LR search may go there on purpose): the NaN/inf guard stops the run before a
+        # non-finite state is saved, and the last finite checkpoint resumes with a lower LR
+        warnings.warn(
             f"optimizer.lr={lr} with optimizer.weight_decay={wd}: AdamW multiplies every weight by 1 - lr x "
-            f"weight_decay = {1 - lr * wd:.3g} each step, which ruins the weights at once; lower optimizer.lr"
+            f"weight_decay = {1 - lr * wd:.3g} each step, so the weights will blow up; lower optimizer.lr (the "
+            f"NaN/inf guard stops the run at the first non-finite step and keeps the last finite checkpoint)",
+            stacklevel=2,
         )
     check_router_lr_scale(cfg.get("router_lr_scale", 1.0))
     max_steps = (cfg.get("trainer") or {}).get("max_steps")

@@ -7,13 +7,14 @@ is ``training.schedule``, and expert parallelism comes from ``parallel.lightning
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from moe_variants.model.losses import compose_loss
 from moe_variants.model.routing import Router
@@ -36,6 +37,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         parameters into parameter groups of their own (see :meth:`_param_groups`).
     """
 
+    BLOW_UP = 100.0  # a step that multiplies the largest |weight| by more than this (and past it) has diverged
+
     def __init__(
         self,
         model: Transformer,
@@ -56,6 +59,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self._val_sums: dict[int, list[float]] = {}  # dataloader_idx -> [sum of token losses, tokens]
         self.last_val_step: int | None = None  # global step of the last completed validation
         self._losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # this optimizer step's micro-batches
+        self._max_weight: torch.Tensor | None = None  # largest |weight| after the last optimizer step (0-dim)
         self.expert_parallel = int(expert_parallel)
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
@@ -159,6 +163,47 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             f"resume_allow_changes=[optimizer.lr] optimizer.lr=<lower>"
         )
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step, then a check of what it left: finite weights and optimizer state, and no blow-up (the largest
+        |weight| grown more than ``BLOW_UP`` x in this one step, and to more than ``BLOW_UP``). Finite gradients do
+        not rule either out: AdamW's decay multiplies every weight by 1 - lr x weight_decay, and grad^2 can overflow
+        the second moment. Raised here, before any checkpoint callback of this step runs, so that the checkpoints
+        on disk stay those of the last good step. One fused max-abs norm and one device sync per step."""
+        params = [p.detach() for p in self.model.parameters()]
+        if self._max_weight is None:  # first step of this process; later steps reuse the last step's value
+            self._max_weight = torch.stack(torch._foreach_norm(params, ord=float("inf"))).max() if params else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not params:
+            return
+        opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper -> the torch optimizer
+        state = [v.detach() for p in self.model.parameters() for v in opt.state.get(p, {}).values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+        before, after = self._max_weight, torch.stack(torch._foreach_norm(params, ord=float("inf"))).max()
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(state, ord=float("inf")))).all() if state else True
+        bad = (~torch.isfinite(after) | ~finite | (after > self.BLOW_UP * before.clamp(min=1.0))).float()
+        self._max_weight = after
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad > 0):
+            raise FloatingPointError(self._blow_up_message(opt, float(before), float(after)))
+
+    def _blow_up_message(self, optimizer: Optimizer, before: float, after: float) -> str:
+        named = list(self.model.named_parameters())
+        ruined = nonfinite(named + [(f"{n} (optimizer state {k})", v) for n, p in named
+                                    for k, v in optimizer.state.get(p, {}).items()])
+        if ruined:
+            what = f"NaN/inf weights or optimizer state ({len(ruined)} tensors, e.g. {', '.join(ruined[:3])})"
+        elif math.isfinite(after) and after > self.BLOW_UP * max(before, 1.0):
+            what = f"the weights blew up (the largest |weight| went from {before:.3g} to {after:.3g})"
+        else:
+            what = "NaN/inf weights or a blow-up on another rank"
+        return (
+            f"{what} after the optimizer step at step {self.global_step}, with a finite loss and finite gradients: "
+            f"this step was not saved, the checkpoints are those of the last good step; lower the LR (optimizer.lr; "
+            f"with AdamW keep optimizer.lr x optimizer.weight_decay well below 1) and resume with ckpt_path=last "
+            f"resume_allow_changes=[optimizer.lr] optimizer.lr=<lower>"
+        )
+
     # -- optimisation --------------------------------------------------------------------------------------
     def _param_groups(self) -> list[list[torch.nn.Parameter]]:
         """The optimizer's parameter groups, in its order: [decay, no_decay], and with ``router_lr_scale`` != 1
@@ -178,16 +223,43 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             groups += [[p for p in mine if id(p) not in norm_ids], [p for p in mine if id(p) in norm_ids]]
         return groups
 
-    def configure_optimizers(self) -> Any:
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer as the run config sets it: decay / no-decay groups, then the routers' two groups (if any)
+        at ``router_lr_scale`` x lr (the scheduler scales each group's own lr)."""
         groups = self._param_groups()  # (on_load_checkpoint relies on this order)
         optimizer = self.make_optimizer([{"params": g, **({} if i % 2 == 0 else {"weight_decay": 0.0})}
                                          for i, g in enumerate(groups)])
-        for group in optimizer.param_groups[2:]:  # the routers' groups; the scheduler scales each group's own lr
+        for group in optimizer.param_groups[2:]:
             group["lr"] = group["lr"] * self.router_lr_scale
+        return optimizer
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._make_optimizer()
         if self.make_scheduler is None:
             return optimizer
         scheduler = self.make_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """The optimizer's settings come from the run config, also on resume: Lightning restores the param groups
+        (lr, weight_decay, betas, ...) and the scheduler's base LRs as the checkpoint saved them, which would
+        silently undo a change made explicit with ``resume_allow_changes`` (``optimizer.lr=<lower>`` after a
+        blow-up). Without such a change the values are the saved ones, bit for bit."""
+        optimizer = self.trainer.optimizers[0]
+        fresh = self._make_optimizer()  # no state: the configured settings only
+        for live, want in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+            live.update({k: v for k, v in want.items() if k != "params"})
+        schedulers = self.trainer.lr_scheduler_configs
+        if not schedulers:
+            return
+        scheduler = schedulers[0].scheduler
+        scheduler.base_lrs = [g["lr"] for g in fresh.param_groups]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["initial_lr"] = base
+        if not isinstance(scheduler, LambdaLR):
+            raise TypeError(f"{type(scheduler).__name__}: LitMoE recomputes the LR on resume for a LambdaLR only")
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR computes at this step
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

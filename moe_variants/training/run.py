@@ -52,8 +52,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         try:
             r.trainer.fit(r.lit, datamodule=r.datamodule, ckpt_path=r.ckpt_path)
-        except Interrupted as stop:  # the first Ctrl-C: the step was finished and saved
-            exit_code = 130  # the shell's code for SIGINT
+        except Interrupted as stop:  # the first Ctrl-C or SIGTERM: the step was finished and saved
+            exit_code = stop.exit_code  # the shell's code for that signal (130 SIGINT, 143 SIGTERM)
             print(f"{stop}; resume with:\n  {resume_command(r.run_dir)}", file=sys.stderr, flush=True)
             raise
         except FloatingPointError:  # the NaN guard: nothing of the bad step was written
@@ -123,8 +123,8 @@ def main(cfg: DictConfig) -> float:
     """Returns the final validation loss (what a Hydra sweeper would minimise)."""
     try:
         return float(run(cfg)["val_loss"])
-    except Interrupted:
-        sys.exit(130)  # stops a sweep too; the resume command is printed
+    except Interrupted as stop:
+        sys.exit(stop.exit_code)  # stops a sweep too; the resume command is printed
     except OSError as e:
         if e.errno not in NO_SPACE + NOT_WRITABLE:
             raise

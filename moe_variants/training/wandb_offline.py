@@ -7,7 +7,8 @@ it checks each record's length and CRC, and it never returns a record that wandb
 file read right after it can end in a partial record. :func:`read_run` therefore waits, up to ``wait_s``, for the
 exit record.
 
-    read_run(Path("runs/default/topk-s0"), wait_s=30)  # {"group", "tags", "config", "history": [rows], "exit_code"}
+    read_run(Path("runs/default/topk-s0"), wait_s=30)
+    # {"name", "project", "job_type", "group", "tags", "config", "history": [rows], "metrics", "summary", "exit_code"}
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def run_files(run_dir: str | Path) -> list[Path]:
 
 
 def read_file(path: str | Path, wait_s: float = 0.0) -> dict[str, Any]:
-    """One sitting: ``group``, ``tags``, ``config`` (as logged), ``history`` (rows of ``{key: value}``; nested
-    keys joined with ``.``), ``exit_code`` (None while the file has no exit record: the run is still being written,
-    or it was killed). Waits up to ``wait_s`` seconds for the exit record (use it right after ``wandb.finish()``)."""
+    """One sitting: ``name``, ``project``, ``job_type``, ``group``, ``tags``, ``config`` (as logged), ``history``
+    (rows of ``{key: value}``; nested keys joined with ``.``: ``routing/load_heatmap._type``), ``metrics``
+    (``define_metric`` by name), ``summary`` (the last value of each key), ``exit_code`` (None while the file has no
+    exit record: the run is still being written, or it was killed). Waits up to ``wait_s`` seconds for the exit
+    record (use it right after ``wandb.finish()``)."""
     deadline = time.monotonic() + wait_s
     while True:
         out = _parse(records(path))
@@ -58,17 +61,24 @@ def read_file(path: str | Path, wait_s: float = 0.0) -> dict[str, Any]:
 
 
 def _parse(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"group": None, "tags": [], "config": {}, "history": [], "exit_code": None}
+    out: dict[str, Any] = {"name": None, "project": None, "job_type": None, "group": None, "tags": [], "config": {},
+                           "history": [], "metrics": {}, "summary": {}, "exit_code": None}
     for rec in recs:
         kind = rec.get("type")
         if kind == "run":
             run = rec["run"]
+            out.update(name=run.get("display_name"), project=run.get("project"), job_type=run.get("job_type"))
             out["group"], out["tags"] = run.get("run_group"), list(run.get("tags", []))
             out["config"].update(run.get("config", {}).get("update", {}))
         elif kind == "config":
             out["config"].update(rec["config"].get("update", {}))
         elif kind == "history":
             out["history"].append({k: _value(v) for k, v in rec["history"].get("item", {}).items()})
+        elif kind == "metric":  # define_metric: {"step_metric": ..., "summary": {"min": true, ...}, ...}
+            metric = rec["metric"]
+            out["metrics"][metric.get("name") or metric.get("glob_name")] = metric
+        elif kind == "summary":  # a metric with summary options holds {"min": ..., "last": ...}
+            out["summary"].update({k: _value(v) for k, v in rec["summary"].get("update", {}).items()})
         elif kind == "exit":
             out["exit_code"] = int(rec["exit"].get("exit_code", 0))
     out["config"].pop("_wandb", None)
