@@ -19,7 +19,6 @@ def _batch(seed: int, index: int, batch_size: int, seq_len: int, vocab: int) -> 
         "input_ids": ids[:, :-1].clamp(max=vocab - 1),
         "labels": ids[:, 1:].clamp(max=vocab - 1),
         "domain_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
-        "span_start": torch.rand(batch_size, seq_len, generator=g) < 0.3,
         "doc_start": doc_start,
     }
 
@@ -49,7 +48,10 @@ class StandinDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         g = torch.Generator().manual_seed(1)
-        self.word_start_table = torch.rand(self.vocab_size, generator=g) < 0.5
+        # what routers read of a tokenizer: pieces in SentencePiece notation (about half of them begin a word)
+        marked = (torch.rand(self.vocab_size, generator=g) < 0.5).tolist()
+        self.vocab_pieces = [("\u2581" if m else "") + f"w{i}" for i, m in enumerate(marked)]
+        self.special_token_ids = [0, 1, 2]
         self.tokenizer = None
 
     def train_dataloader(self) -> DataLoader:

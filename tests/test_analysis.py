@@ -8,16 +8,23 @@ import torch
 from moe_variants.analysis import (
     best_token_expert_table,
     consecutive_repeat_rates,
+    document_halves,
+    document_ids,
     domain_specialization,
     expert_coactivation,
     expert_load,
     expert_load_per_domain,
+    heldout_token_id_predictability,
     load_balance_stats,
+    middle_layer,
+    paper_layers,
     per_layer,
     plot_load_heatmap,
     plot_load_per_domain,
     plot_repeat_rates,
     random_repeat_baselines,
+    random_routing,
+    random_routing_baseline,
     repeat_rates_per_domain,
     router_entropy,
     router_saturation,
@@ -375,3 +382,74 @@ def test_plots_write_png(tmp_path):
     for p in paths:
         data = p.read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------- held out by document, random-routing floors, layers
+
+
+def test_document_ids_count_documents_across_rows():
+    doc_start = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])
+    assert document_ids(doc_start).tolist() == [[0, 1, 1], [1, 1, 2], [3, 3, 3]]
+    assert document_ids(torch.tensor([[True, False], [True, True]])).tolist() == [[0, 0], [1, 2]]
+    fit, score = document_halves(doc_start)
+    assert torch.equal(fit, ~score)
+    docs = document_ids(doc_start)
+    for d in range(4):  # every document lies whole in one half
+        assert fit[docs == d].all() or score[docs == d].all()
+
+
+def documents_with_topics(seed: int = 0, n_docs: int = 500, S: int = 128, V: int = 32000):
+    """Zipf-distributed tokens packed into windows of S; each document of 100-1500 tokens also repeats its own 20
+    topic ids (names, terms) in 40% of its positions, as real documents do. Returns token ids and doc_start."""
+    g = torch.Generator().manual_seed(seed)
+    zipf = torch.arange(1, V + 1).double() ** -1.1
+    toks, starts = [], []
+    for _ in range(n_docs):
+        n = int(torch.randint(100, 1500, (1,), generator=g))
+        doc = torch.multinomial(zipf, n, replacement=True, generator=g)
+        topic = torch.randint(1000, V, (20,), generator=g)
+        use = torch.rand(n, generator=g) < 0.4
+        doc[use] = topic[torch.randint(0, 20, (int(use.sum()),), generator=g)]
+        start = torch.zeros(n, dtype=torch.bool)
+        start[0] = True
+        toks.append(doc)
+        starts.append(start)
+    n = sum(len(t) for t in toks) // S * S
+    return torch.cat(toks)[:n].view(-1, S), torch.cat(starts)[:n].view(-1, S)
+
+
+def test_heldout_predictability_by_document_of_a_router_blind_to_tokens():
+    """Known answer: a router that reads no token (expert = document id mod 8) is predicted by a token-id table on
+    unseen documents no better than chance, ~1/8. Split by window parity instead, the halves share documents
+    (each is cut into several windows) and the same router looks 3x more predictable."""
+    toks, doc_start = documents_with_topics()
+    experts = (document_ids(doc_start) % 8).unsqueeze(-1)
+    assert heldout_token_id_predictability(experts, toks, doc_start) == pytest.approx(1 / 8, abs=0.025)
+    by_window_parity = token_id_predictability(experts[0::2], toks[0::2], held_out=(experts[1::2], toks[1::2]))
+    assert by_window_parity > 0.35
+    hashed = (toks * 7 + 3) % 8  # a hash router stays predictable on new documents (unseen ids count against it)
+    assert heldout_token_id_predictability(hashed.unsqueeze(-1), toks, doc_start) > 0.7  # topic ids unseen: misses
+
+
+def test_random_routing_floor_is_not_one_over_e_on_zipf_tokens():
+    toks, doc_start = documents_with_topics(n_docs=40)  # ~32k tokens
+    E, K = 8, 2
+    routing = random_routing(toks.shape, E, K, torch.Generator().manual_seed(1))
+    assert routing.shape == (*toks.shape, K) and (routing[..., 0] != routing[..., 1]).all()
+    in_sample = random_routing_baseline(lambda e: token_id_predictability(e, toks), toks.shape, E, K)
+    assert in_sample > 2 / E  # ids seen once are "predicted" perfectly: the floor is far above 1/E
+    assert in_sample == random_routing_baseline(lambda e: token_id_predictability(e, toks), toks.shape, E, K)
+    assert random_routing_baseline(lambda e: vocabulary_specialization(e, toks, E, min_count=10), toks.shape, E,
+                                   K) > 1.5 / E
+    held = random_routing_baseline(lambda e: heldout_token_id_predictability(e, toks, doc_start), toks.shape, E, K)
+    assert held == pytest.approx(1 / E, abs=0.01)
+    # on ids that each occur many times the floor does approach 1/E
+    many = torch.randint(0, 5, toks.shape, generator=torch.Generator().manual_seed(2))
+    assert random_routing_baseline(lambda e: token_id_predictability(e, many), many.shape, E, K) < 1 / E + 0.02
+
+
+def test_middle_layer_is_mixtrals_fifteen_of_thirty_two():
+    assert middle_layer(32) == 15 and paper_layers(32) == [0, 15, 31]
+    assert paper_layers(8) == [0, 3, 7] and paper_layers(2) == [0, 1] and paper_layers(1) == [0]
+    with pytest.raises(ValueError, match="n_layers"):
+        middle_layer(0)

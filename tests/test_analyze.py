@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.analysis.analyze import run
+from moe_variants.analysis import router_entropy
+from moe_variants.analysis.analyze import collect, run
 from moe_variants.model.hf import save_hf
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.checkpoint import CONFIG_KEY
 
 ARGS = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=32000, num_experts=4,
@@ -46,8 +50,8 @@ def our_checkpoint(path):
     return path
 
 
-FILES = ("table5.md", "table5.csv", "load_per_domain.png", "load_heatmap.png", "repeat_rates.png", "tokens.html",
-         "metrics.json")
+FILES = ("table5.md", "table5.csv", "predictability.md", "load_per_domain.png", "load_heatmap.png",
+         "repeat_rates.png", "tokens.html", "metrics.json")
 
 
 def test_analyze_our_checkpoint_writes_every_file(corpus, tmp_path):
@@ -61,11 +65,36 @@ def test_analyze_our_checkpoint_writes_every_file(corpus, tmp_path):
     assert all(layer["token_id_predictability"] == 1.0 for layer in metrics["layers"])
     table = (out / "table5.md").read_text()
     assert "| code |" in table and "random baseline" in table
+    for layer in metrics["layers"]:  # every predictability and specialisation number beside its random floor
+        for name in ("token_id_predictability", "token_id_predictability_heldout", "vocabulary_specialization",
+                     "domain_specialization_max"):
+            assert 0 <= layer[f"{name}_random"] < layer[name] or math.isnan(layer[name]), name
+    assert "| random |" in (out / "predictability.md").read_text()
+
+
+def test_offline_entropy_weighs_every_token_alike():
+    """Batches of 1 and 3 sequences: the entropy is the mean over all 4 x 16 tokens, not the mean of batch means."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**ARGS), router=TopKRouter).eval()
+    ids = torch.randint(0, 32000, (4, 16))
+
+    def batch(rows):
+        return {"input_ids": ids[rows], "labels": ids[rows], "domain_ids": torch.zeros_like(ids[rows]),
+                "span_start": torch.ones_like(ids[rows], dtype=torch.bool),
+                "doc_start": torch.zeros_like(ids[rows], dtype=torch.bool)}
+
+    data = collect(model, [[batch(slice(0, 1))], [batch(slice(1, 4))]], None)
+    with torch.no_grad():
+        logits = model(ids).routing
+    for layer, r in enumerate(logits):
+        assert data["entropy"][layer] == pytest.approx(router_entropy(r.logits), rel=1e-5)
+        per_batch = (router_entropy(r.logits[:1]) + router_entropy(r.logits[1:])) / 2
+        assert abs(per_batch - data["entropy"][layer]) > 1e-6  # the two means differ here
 
 
 def test_analyze_hf_mixtral_directory(corpus, tmp_path):
     torch.manual_seed(0)
-    save_hf(Transformer(ModelArgs(**ARGS)), tmp_path / "hf")
+    save_hf(Transformer(ModelArgs(**ARGS), router=TopKRouter), tmp_path / "hf")
     metrics = run(cfg(tmp_path / "hf", corpus, tmp_path / "res", layers=[1]))
     assert metrics["routers"] == ["topk(k=2)"]
     assert 0 <= metrics["layers"][0]["repeat_first"] <= 1
@@ -83,3 +112,21 @@ def test_analyze_bad_input(corpus, tmp_path):
         run(cfg(ckpt, corpus, tmp_path, layers=[5]))
     with pytest.raises(ValueError, match="(?i)domain"):
         run(cfg(ckpt, corpus, tmp_path, domains=["pubmed"]))
+
+
+def test_analyze_refuses_nonfinite_weights(corpus, tmp_path):
+    """A checkpoint saved after its run diverged (NaN weights) is refused, not analysed into 100% repeat rates."""
+    ckpt = our_checkpoint(tmp_path / "hash.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    saved["state_dict"]["model.layers.1.feed_forward.experts.w2"].view(-1)[0] = float("nan")
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(layers.1.feed_forward.experts.w2\)"):
+        run(cfg(ckpt, corpus, tmp_path / "res"))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**ARGS), router=TopKRouter)
+    with torch.no_grad():
+        model.output.weight[0, 0] = float("inf")
+    save_hf(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(output.weight\): it cannot be analysed"):
+        run(cfg(tmp_path / "hf", corpus, tmp_path / "res"))
+    assert not (tmp_path / "res").exists()

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from moe_variants.training.build import build_model, check_config, make_resources
 
-# study/ and arm/ are global-package selectors (+study=..., arm=...): composed and built in test_router_study.py
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "study", "arm"))
+# a study's own groups (experiments/<study>/conf/) are composed and built by that study's tests
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 ALL_OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
@@ -51,13 +51,11 @@ def test_every_config_composes_and_builds(group, option, tmp_path):
         return
     check_config(cfg)
     dm = _standin_dm()
-    try:
-        model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
-    except ValueError as e:  # a look-ahead router refuses by default (test_routers.py checks that): build it allowed
-        if "allow_lookahead=true" not in str(e):
-            raise
-        cfg = compose_cfg([f"{group}={option}", "router.allow_lookahead=true"], tmp_path)
-        model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
+    if cfg.router.get("allow_lookahead") is False:  # a look-ahead router refuses to build unless allowed
+        with pytest.raises(ValueError, match="allow_lookahead=true"):
+            build_model(cfg, resources=make_resources(dm))
+        cfg.router.allow_lookahead = True
+    model = build_model(cfg, resources=make_resources(dm))
     assert len(model.routers) == cfg.model.n_layers
     opt = instantiate(cfg.optimizer)(model.parameters())
     instantiate(cfg.scheduler)(opt)
@@ -66,7 +64,7 @@ def test_every_config_composes_and_builds(group, option, tmp_path):
         for sub in (cfg.get(key) or {}).values():
             instantiate(sub)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on the device machine
+        return  # GPU trainers (bf16, DDP, FSDP) only compose here; they run on a GPU machine
     trainer_cfg = OmegaConf.to_container(cfg.trainer)
     trainer_cfg.update(accelerator="cpu", precision="32-true", enable_progress_bar=False, logger=False)
     instantiate(trainer_cfg)
@@ -90,20 +88,57 @@ def test_hydra_launcher_configs_compose():
     assert slurm.gpus_per_node == 1 and slurm.timeout_min == 720
 
 
-def test_run_names_and_dirs_are_deterministic():
+def _hydra_names(*overrides: str) -> tuple[str, str, tuple[str, str], list[str]]:
+    """(name, run dir, (sweep dir, subdir), W&B tags of the overrides) of a config composed as ``moe-train`` does."""
     from hydra.core.hydra_config import HydraConfig
 
+    from moe_variants.training.build import swept_tags
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["router=hash", "seed=3", "experiment=e01", "data=standin",
-                                           f"hydra.searchpath=[file://{TEST_CONF_DIR}]"], return_hydra_config=True)
+        cfg = compose("config", overrides=[*overrides, f"hydra.searchpath=[file://{TEST_CONF_DIR}]"],
+                      return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        assert cfg.name == "hash-s3"
-        assert cfg.hydra.run.dir == "runs/e01/hash-s3"
-        assert (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) == ("runs/e01", "hash-s3")
-        assert cfg.logger.wandb.group == "e01" and cfg.logger.wandb.name == "hash-s3"
+        assert "wandb" not in cfg.logger or cfg.logger.wandb.name == cfg.name
+        return cfg.name, cfg.hydra.run.dir, (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir), swept_tags(cfg)
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_run_names_and_dirs_are_deterministic():
+    name, run_dir, sweep, tags = _hydra_names("router=hash", "seed=3", "experiment=e01")
+    assert (name, run_dir, sweep, tags) == ("hash-s3", "runs/e01/hash-s3", ("runs/e01", "hash-s3"), [])
+
+
+def test_run_names_say_every_override_but_how_a_run_is_run():
+    """Any override that changes what is trained is in the name (sorted, after router and seed), so the jobs of a
+    sweep over any key get their own folders; resuming or lengthening a run keeps its name."""
+    a, _, _, tags = _hydra_names("router=hash", "router.table=random", "model=tiny")
+    b = _hydra_names("router=hash", "router.table=balanced", "model=tiny")[0]
+    assert a == "hash-s0,model=tiny,router.table=random" and b == "hash-s0,model=tiny,router.table=balanced"
+    assert tags == ["model=tiny", "router.table=random"]
+    same = _hydra_names("router=hash", "router.table=random", "model=tiny", "ckpt_path=last", "trainer.max_steps=9",
+                        "experiment=x", "logger=csv", "compile=true")[0]
+    assert same == a
+    files = _hydra_names("data=text_files", "data.data_files=/a/b.txt")[0]
+    assert files == "topk-s0,data.data_files=_a_b.txt,data=text_files"  # one folder: "/" -> "_"
+
+
+def test_long_run_names_stay_unique_and_fit_a_folder_name():
+    from moe_variants.training.naming import MAX_NAME_BYTES, run_name
+
+    long_a, long_b = (run_name("hash", 0, ",".join(f"k{i}={v}" for i in range(60))) for v in ("x", "y"))
+    assert long_a != long_b and len(long_a.encode()) <= MAX_NAME_BYTES and long_a.startswith("hash-s0,k0=x")
+
+
+def test_help_describes_the_app():
+    proc = subprocess.run([sys.executable, "-m", "moe_variants.training.run", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "moe-train: train a Mixtral" in proc.stdout and "== Everyday commands ==" in proc.stdout
+    assert "moe-train -m router=hash router.table=random,balanced" in proc.stdout
+    routers = ", ".join(sorted(p.stem for p in (CONF_DIR / "router").glob("*.yaml")))
+    assert f"router: {routers}" in proc.stdout and "is powered by Hydra" not in proc.stdout
 
 
 def test_loss_coefficients_live_in_loss_config_only():
@@ -146,3 +181,9 @@ def test_config_errors_surface_before_training(overrides, match, tmp_path, monke
     cfg = compose_cfg(["data.seq_len=32", *overrides], tmp_path)
     with pytest.raises(ValueError, match=match):
         run(cfg)
+
+
+def test_a_study_without_its_search_path_is_refused(tmp_path):
+    cfg = compose_cfg(["+study=router_study"], tmp_path)  # no study conf on the search path: a plain string
+    with pytest.raises(ValueError, match="hydra.searchpath=\\[file://experiments/router_study/conf\\]"):
+        check_config(cfg)

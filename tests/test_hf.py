@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from moe_variants import ModelArgs, Transformer
 from moe_variants.model.hf import load_hf, save_hf
 from moe_variants.routers.hash import HashRouter
+from moe_variants.routers.topk import TopKRouter
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,7 +40,7 @@ def test_load_hf_matches_transformers_logits(i, tmp_path):
     ref.save_pretrained(tmp_path)
     ids = torch.randint(0, 300, (2, 20))
     for experts in ("loop", "grouped"):
-        ours = load_hf(tmp_path, experts=experts).eval()
+        ours = load_hf(tmp_path, router=TopKRouter, experts=experts).eval()
         with torch.no_grad():
             diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
         assert diff <= 1e-4, (experts, diff)
@@ -65,7 +66,7 @@ def test_load_hf_fused_expert_layout(tmp_path):
     save_file(fused, str(tmp_path / "model.safetensors"))
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        assert (load_hf(tmp_path)(ids).logits - ref(ids).logits).abs().max() <= 1e-4
+        assert (load_hf(tmp_path, router=TopKRouter)(ids).logits - ref(ids).logits).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -73,7 +74,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(window, tmp_path):
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=80, vocab_size=300, num_experts=4,
                      num_experts_per_tok=2, max_seq_len=128, sliding_window=window, rope_theta=1e4)
-    ours = Transformer(args).eval()
+    ours = Transformer(args, router=TopKRouter).eval()
     save_hf(ours, tmp_path)
     ref = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 300, (2, 24))
@@ -95,11 +96,11 @@ def test_mismatched_checkpoint_fails_with_message(tmp_path):
     cfg["num_local_experts"] = 8  # the weights hold 4
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="lacks expert weight"):
-        load_hf(tmp_path)
+        load_hf(tmp_path, router=TopKRouter)
     cfg["num_local_experts"] = 4
     cfg["intermediate_size"] = 128  # the weights hold 96
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="shape mismatches"):
-        load_hf(tmp_path)
+        load_hf(tmp_path, router=TopKRouter)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_hf(tmp_path / "nowhere")
+        load_hf(tmp_path / "nowhere", router=TopKRouter)

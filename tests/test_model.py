@@ -26,7 +26,7 @@ def tiny(**kw) -> ModelArgs:
 
 def test_forward_shapes_and_routing_output():
     torch.manual_seed(0)
-    model = Transformer(tiny())
+    model = Transformer(tiny(), router=TopKRouter)
     out = model(torch.randint(0, 500, (3, 17)))
     assert out.logits.shape == (3, 17, 500)
     assert len(out.routing) == 2
@@ -39,7 +39,7 @@ def test_forward_shapes_and_routing_output():
 @pytest.mark.parametrize("window", [None, 5])
 def test_causal_logits_and_routing(window):
     torch.manual_seed(0)
-    model = Transformer(tiny(sliding_window=window)).eval()
+    model = Transformer(tiny(sliding_window=window), router=TopKRouter).eval()
     ids = torch.randint(0, 500, (2, 24))
     base = model(ids)
     for t in (0, 7, 22):
@@ -53,7 +53,7 @@ def test_causal_logits_and_routing(window):
 
 def test_sliding_window_limits_attention():
     torch.manual_seed(0)
-    model = Transformer(tiny(sliding_window=4, n_layers=1)).eval()
+    model = Transformer(tiny(sliding_window=4, n_layers=1), router=TopKRouter).eval()
     ids = torch.randint(0, 500, (1, 20))
     changed = ids.clone()
     changed[0, 2] = (ids[0, 2] + 1) % 500  # outside the window of position 19 (sees 16..19)
@@ -65,7 +65,7 @@ def test_sliding_window_limits_attention():
 def test_one_expert_moe_equals_dense_swiglu():
     torch.manual_seed(0)
     args = tiny(num_experts=1, num_experts_per_tok=1, n_layers=1)
-    model = Transformer(args).eval()
+    model = Transformer(args, router=TopKRouter).eval()
     moe = model.layers[0].feed_forward
     x = torch.randn(2, 9, args.dim)
     from moe_variants.model.routing import RoutingContext
@@ -131,7 +131,7 @@ def test_grouped_model_compiles_to_one_graph():
     grouped_mm's shape function only takes bf16."""
     torch.manual_seed(0)
     model = Transformer(tiny(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64),
-                        experts="grouped").to(torch.bfloat16)
+                        router=TopKRouter, experts="grouped").to(torch.bfloat16)
     ids = torch.randint(0, 64, (2, 16))
     eager = model(ids, labels=ids).lm_loss
     eager.backward()
@@ -199,7 +199,7 @@ def test_balance_loss_is_one_when_perfectly_balanced_for_any_k():
 
 def test_compose_loss_applies_coefficients_and_rejects_unknown_losses():
     torch.manual_seed(0)
-    model = Transformer(tiny())
+    model = Transformer(tiny(), router=TopKRouter)
     ids = torch.randint(0, 500, (2, 10))
     out = model(ids, labels=ids)
     total, parts = compose_loss(out.lm_loss, out.routing, {"load_balance": 0.5, "z_loss": 0.0})
@@ -215,7 +215,7 @@ def test_chunked_loss_equals_full_cross_entropy_and_gradients(compiled_branch, m
     # the gradient expression used under torch.compile, run here in eager mode
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_branch)
     torch.manual_seed(0)
-    model = Transformer(tiny(), loss_chunk_tokens=7)
+    model = Transformer(tiny(), router=TopKRouter, loss_chunk_tokens=7)
     ids = torch.randint(0, 500, (2, 13))
     labels = ids.roll(-1, 1)
     labels[:, -1] = -100
@@ -231,7 +231,7 @@ def test_chunked_loss_equals_full_cross_entropy_and_gradients(compiled_branch, m
 
 @pytest.mark.parametrize(
     "router",
-    [None, functools.partial(TopKRouter, jitter_eps=0.1), functools.partial(HashRouter, weights="learned"),
+    [TopKRouter, functools.partial(TopKRouter, jitter_eps=0.1), functools.partial(HashRouter, weights="learned"),
      HashRouter],
     ids=["topk", "topk_jitter", "hash_learned", "hash_uniform"],
 )
@@ -274,7 +274,7 @@ def test_activation_checkpointing_only_in_training(monkeypatch):
     calls = []
     real = model_mod.checkpoint
     monkeypatch.setattr(model_mod, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
-    model = Transformer(tiny(), activation_checkpointing=True)
+    model = Transformer(tiny(), router=TopKRouter, activation_checkpointing=True)
     ids = torch.randint(0, 500, (1, 8))
     model(ids, labels=ids)
     assert calls == [{"use_reentrant": False}] * 2
@@ -285,12 +285,12 @@ def test_activation_checkpointing_only_in_training(monkeypatch):
     model.eval()(ids)
     model.generate(ids, max_new_tokens=2)
     assert calls == []
-    assert Transformer(tiny()).activation_checkpointing is False
+    assert Transformer(tiny(), router=TopKRouter).activation_checkpointing is False
 
 
 def test_mixtral_8x7b_parameter_counts_on_meta_device():
     with torch.device("meta"):
-        model = Transformer(ModelArgs())  # defaults are Mixtral 8x7B (Table 1)
+        model = Transformer(ModelArgs(), router=TopKRouter)  # defaults are Mixtral 8x7B (Table 1)
     counts = model.num_params()
     assert round(counts["total"] / 1e9, 1) == 46.7
     assert round(counts["active"] / 1e9, 1) == 12.9
@@ -299,7 +299,7 @@ def test_mixtral_8x7b_parameter_counts_on_meta_device():
 @pytest.mark.parametrize("window", [None, 6])
 def test_cached_generation_equals_uncached(window):
     torch.manual_seed(0)
-    model = Transformer(tiny(sliding_window=window)).eval()
+    model = Transformer(tiny(sliding_window=window), router=TopKRouter).eval()
     prompt = torch.randint(0, 500, (2, 9))
     tokens, cached_logits = model.generate(prompt, max_new_tokens=8)
     assert tokens.shape == (2, 17)
@@ -309,7 +309,7 @@ def test_cached_generation_equals_uncached(window):
 
 
 def test_rolling_cache_keeps_only_the_window():
-    model = Transformer(tiny(sliding_window=4)).eval()
+    model = Transformer(tiny(sliding_window=4), router=TopKRouter).eval()
     cache = model.new_cache()
     model(torch.randint(0, 500, (1, 10)), cache=cache)
     assert cache.layers[0].k.shape[2] == 4
@@ -344,10 +344,8 @@ def test_unknown_model_args_field_is_named():
 
 
 def test_out_of_vocab_and_too_long_inputs_fail_clearly():
-    model = Transformer(tiny())
+    model = Transformer(tiny(), router=TopKRouter)
     with pytest.raises(ValueError, match="tokenizer does not match model.vocab_size"):
         model(torch.tensor([[1, 2, 500]]))
     with pytest.raises(ValueError, match="max_seq_len=128"):
         model(torch.zeros(1, 129, dtype=torch.long))
-    with pytest.raises(ValueError, match="word_start_table"):
-        Transformer(tiny(), word_start_table=torch.ones(10, dtype=torch.bool))

@@ -37,13 +37,13 @@ def tiny_args(**kw) -> ModelArgs:
 
 def router_factory(name: str):
     from moe_variants.routers.hash import HashRouter
-    from moe_variants.routers.span import SpanRouter
+    from moe_variants.routers.span import SpanHeadRouter
     from moe_variants.routers.topk import TopKRouter
 
     return {
         "topk": TopKRouter,
         "hash": functools.partial(HashRouter, table="random", weights="learned"),
-        "span": functools.partial(SpanRouter, spans="fixed", span_len=3),
+        "span": functools.partial(SpanHeadRouter, spans="fixed", span_len=3),
     }[name]
 
 

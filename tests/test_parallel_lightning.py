@@ -209,11 +209,13 @@ def test_resume_across_ep_sizes_keeps_optimizer_state(runs):
     tmp, single_dir, ep_dir = runs
     ref = read_losses(tmp / "single.json")
     to_single = tmp / "ep2_to_single"
-    run(compose_single(to_single, f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}",
+    # the per-rank batch changes with the layout (the global batch does not): an explicit, allowed change
+    allow = "resume_allow_changes=[data.batch_size]"
+    run(compose_single(to_single, f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
                        *record(tmp / "ep2_to_single.json")))
     close_losses(read_losses(tmp / "ep2_to_single.json"), ref, range(3, STEPS), "EP=2 checkpoint resumed on 1")
 
-    run_ddp(tmp, "single_to_ep2", f"ckpt_path={single_dir / 'checkpoints' / 'step000003.ckpt'}",
+    run_ddp(tmp, "single_to_ep2", f"ckpt_path={single_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
             *record(tmp / "single_to_ep2.json"))
     close_losses(read_losses(tmp / "single_to_ep2.json"), ref, range(3, STEPS), "1-process checkpoint resumed on EP=2")
 
@@ -239,10 +241,11 @@ def test_ep_config_errors(tmp_path):
 
 def test_lit_ep_errors_without_process_group_and_for_sharded_checkpoints(tiny_args):
     from moe_variants import Transformer
+    from moe_variants.routers.topk import TopKRouter
     from moe_variants.training.lit import LitMoE
 
-    lit = LitMoE(Transformer(tiny_args), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3), scheduler=None,
-                 loss_coefficients={}, expert_parallel=2)
+    lit = LitMoE(Transformer(tiny_args, router=TopKRouter), optimizer=lambda g: torch.optim.AdamW(g, lr=1e-3),
+                 scheduler=None, loss_coefficients={}, expert_parallel=2)
     with pytest.raises(ValueError, match=r"expert_parallel=2 needs 2 processes under trainer=ddp"):
         lit.configure_model()
 

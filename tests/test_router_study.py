@@ -17,14 +17,15 @@ from hydra import compose, initialize_config_dir
 from tiny_corpus import write_tiny_corpus
 
 from moe_variants import ModelArgs, Transformer
-from moe_variants.routers.audit import AUDIT_ARGS, synthetic_resources
+from moe_variants.routers.audit import AUDIT_ARGS
 from moe_variants.routers.hash import HashRouter
+from moe_variants.routers.resources import FROM_CHECKPOINT, synthetic_resources
 
 STUDY = REPO_ROOT / "experiments" / "router_study"
 sys.path.insert(0, str(STUDY))
 import analyze as study_analyze  # noqa: E402
 import sweep as study_sweep  # noqa: E402
-from _study import ARMS  # noqa: E402
+from _study import ARMS, STUDY_CONF_DIR, study_overrides  # noqa: E402
 
 ARGS = ModelArgs(**AUDIT_ARGS)
 
@@ -38,9 +39,9 @@ def write_table(path: Path, n_layers: int = ARGS.n_layers, V: int = ARGS.vocab_s
 
 
 def file_model(path: Path | str | None, resources: bool = True) -> Transformer:
-    ws, res = synthetic_resources(ARGS.vocab_size)
-    return Transformer(ARGS, router=partial(HashRouter, table="file", table_path=None if path is None else str(path)),
-                       word_start_table=ws, resources=res if resources else None)
+    res = synthetic_resources(ARGS.vocab_size) if resources else FROM_CHECKPOINT
+    return Transformer(ARGS, router=partial(HashRouter, table="file", table_path=None if path is None else str(path),
+                                            resources=res))
 
 
 # -- the file table kind ---------------------------------------------------------------------------------------
@@ -102,17 +103,22 @@ def _compose(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+def _study(study: str, *overrides: str):
+    return _compose(*study_overrides(study, list(overrides)))
+
+
 @pytest.mark.parametrize("arm", ARMS)
 def test_study_configs_compose_for_every_arm(arm):
-    assert sorted(p.stem for p in (CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
-    gpu = _compose("+study=router_study", f"arm={arm}", "seed=2")
+    assert sorted(p.stem for p in (STUDY_CONF_DIR / "arm").glob("*.yaml")) == sorted(ARMS)
+    gpu = _study("router_study", f"arm={arm}", "seed=2")
     assert (gpu.experiment, gpu.model.dim, gpu.trainer.accelerator, gpu.experts.impl, gpu.compile) == \
         ("router_study", 512, "gpu", "grouped", True)
     assert gpu.hydra.runtime.choices.arm == arm
-    smoke = _compose("+study=router_study_smoke", f"arm={arm}")
+    smoke = _study("router_study_smoke", f"arm={arm}")
     assert (smoke.experiment, smoke.model.dim, smoke.trainer.accelerator, smoke.compile) == \
         ("router_study_smoke", 64, "cpu", False)
-    router = {"topk": "topk.TopKRouter", "span_head": "span.SpanRouter", "span_vocab": "span.SpanRouter"}
+    router = {"topk": "topk.TopKRouter", "span_head": "span.SpanHeadRouter",
+              "span_first_piece": "span_vocab.FirstPieceVocabRouter", "span_prefix": "span_vocab.PrefixVocabRouter"}
     assert gpu.router._target_.endswith(router.get(arm, "hash.HashRouter"))
     if arm == "hash_distilled":
         assert gpu.router.table == "file" and gpu.router.table_path == "runs/router_study/distilled_hash/topk-s2.pt"
@@ -126,15 +132,24 @@ def test_every_arm_builds_on_the_smoke_config(arm, tmp_path):
 
     root = tmp_path / "runs"
     (root / "distilled_hash").mkdir(parents=True)
-    cfg = _compose(f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "+study=router_study_smoke", f"arm={arm}",
-                   "data=standin", f"study_root={root}")
+    # the test-only data config joins the study's folder on the search path
+    cfg = _study("router_study_smoke", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"arm={arm}", "data=standin",
+                 f"study_root={root}")
     write_table(root / "distilled_hash" / "topk-s0.pt", cfg.model.n_layers, cfg.model.vocab_size,
                 cfg.model.num_experts_per_tok, cfg.model.num_experts)
     dm = StandinDataModule(seq_len=16, batch_size=2)
     dm.setup("fit")
-    model = build_model(cfg, word_start_table=dm.word_start_table, resources=make_resources(dm))
+    model = build_model(cfg, resources=make_resources(dm))
     out = model(torch.randint(0, 300, (2, 16)))
     assert len(out.routing) == cfg.model.n_layers == 2 and model.causal
+
+
+def test_study_configs_live_with_the_study():
+    """moe-train's conf/ has no study or arm group: without the study's folder on the search path, the arm cannot
+    be chosen."""
+    assert not (CONF_DIR / "study").exists() and not (CONF_DIR / "arm").exists()
+    with pytest.raises(Exception, match="Could not override 'arm'"):
+        _compose("+study=router_study", "arm=topk")
 
 
 def test_experiment_stays_a_plain_override():
@@ -176,7 +191,7 @@ def sweep_args(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> l
 
 def sweep(tmp: Path, corpus: Path, arms: str, seeds: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(STUDY / "sweep.py"), *sweep_args(tmp, corpus, arms, seeds, *extra)]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)  # 7 arms x 2 seeds
 
 
 def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
@@ -188,6 +203,8 @@ def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
         for s in seeds:
             run = json.loads((res / "runs" / f"{arm}-s{s}" / "run.json").read_text())
             assert run["report"]["steps"] == 20 and len(run["layers"]) == 2
+            for m in ("token_id_predictability", "token_id_predictability_heldout_by_doc", "vocabulary_specialization"):
+                assert 0 <= run["layers"][0][m + "_random"] <= 1, m  # every number beside its random-routing floor
     summary = (res / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == arms
     return (res / "report.md").read_text()
@@ -195,7 +212,7 @@ def check_outputs(tmp: Path, arms: list[str], seeds: list[int]) -> str:
 
 def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     """topk and hash_distilled, 1 seed: train topk, distil its table, train on the table, report; then regenerate
-    the report from the results folder alone, without the runs."""
+    the report and the per-run figures from the results folder alone, without the runs."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny model: threads only add contention on a busy 2-core machine
     # the sweep (run here: it trains and distils in subprocesses) and the report, in this process to save
     # interpreter starts; the slow test below runs sweep.py as a command, report included
@@ -222,10 +239,18 @@ def test_smoke_study_end_to_end(tmp_path, corpus, capsys, monkeypatch):
     before = md
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "results" / "report.md").unlink()
-    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only"])
+    assert not (tmp_path / "results" / "missing.json").exists()  # written only when runs are missing
+    figures = {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")}
+    assert sorted(figures) == ["load_heatmap.png", "load_per_domain.png", "repeat_rates.png"]
+    for name in figures:
+        (tmp_path / "results" / "runs" / "topk-s0" / name).unlink()
+    rc = study_analyze.main(["--study", "router_study_smoke", "--out", str(tmp_path / "results"), "--report-only",
+                             "--run-plots"])
     assert rc == 0
     after = (tmp_path / "results" / "report.md").read_text()
     assert after.split("## Commands")[0] == before.split("## Commands")[0]
+    # the per-run figures (not kept in git) come back from metrics.json as moe-analyze drew them
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "runs" / "topk-s0").glob("*.png")} == figures
 
 
 @pytest.mark.slow
@@ -240,7 +265,7 @@ def test_smoke_study_every_arm_two_seeds(tmp_path, corpus, monkeypatch):
 
 def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Curves logged to an offline W&B run come back step by step (the study report's learning curves), across
-    sittings of one run, including rows larger than a 32 KiB block (records split over blocks)."""
+    resumes of one run, including rows larger than a 32 KiB block (records split over blocks)."""
     import wandb
     from wandb_history import read_history
 
@@ -248,15 +273,30 @@ def test_wandb_history_reads_an_offline_run_back(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("WANDB_SILENT", "true")
     big = {f"pad/{i}": float(i) for i in range(3000)}  # a row of ~60 KB
     logged = {}
-    for sitting, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
+    for start, steps in enumerate(([9, 19], [19, 29])):  # a resumed run: step 19 logged again, later wins
         run = wandb.init(project="t", dir=str(tmp_path), mode="offline")
         for step in steps:
-            loss = 10.0 - step / 10 + sitting
+            loss = 10.0 - step / 10 + start
             run.log({"train/loss": loss, "trainer/global_step": step, **big})
             logged[step] = loss
-        run.log({"val/loss": 5.0 + sitting, "trainer/global_step": steps[-1]})
+        run.log({"val/loss": 5.0 + start, "trainer/global_step": steps[-1]})
         run.finish()
-    history = read_history(tmp_path)
+    history = read_history(tmp_path, wait_s=60)  # right after finish(): wait for each sitting's exit record
     assert history["train/loss"] == sorted(logged.items())
     assert history["val/loss"] == [(19, 5.0), (29, 6.0)]
     assert read_history(tmp_path / "nothing") == {}
+
+
+def test_report_from_the_saved_v1_results_says_what_they_lack(tmp_path):
+    """The committed v1 run.json files (no random-routing floors; 'held out' by window parity) still make a report:
+    it prints n/a where a floor is missing, says why, and does not call the window-parity number held out."""
+    shutil.copytree(REPO_ROOT / "results" / "router_study" / "runs", tmp_path / "runs",
+                    ignore=lambda d, names: [n for n in names if n not in ("run.json", "history.json")
+                                             and not (Path(d) / n).is_dir()])
+    assert study_analyze.main(["--study", "router_study", "--out", str(tmp_path), "--report-only"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| topk, random routing | n/a |" in md
+    assert "predate the random-routing floor" in md
+    assert "even vs odd windows, not held out: 0.707 ± 0.018" in md
+    assert "**token-id predictability, held out**" not in md
+    assert "1/E plus" not in md

@@ -25,11 +25,12 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.model.experts import GroupedExperts, LocalDispatcher, LoopExperts, expert_capacity, over_capacity
 from moe_variants.model.hf import save_hf
 from moe_variants.model.routing import LayerSpec, RoutingContext
-from moe_variants.routers.audit import AUDIT_ARGS, audit_model
+from moe_variants.routers.audit import AUDIT_ARGS, audit, synthetic_inputs
 from moe_variants.routers.aux_free import AuxFreeRouter, bias_delta
 from moe_variants.routers.balanced import BalancedAssignmentRouter, sinkhorn_plan
 from moe_variants.routers.expert_choice import ExpertChoiceRouter
-from moe_variants.routers.topk import TopKRouter, topk_gate
+from moe_variants.routers.gates import topk_gate
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import check_bias_balancing
 from moe_variants.training.callbacks import RoutingMetrics
 
@@ -126,14 +127,14 @@ def test_aux_free_router_needs_the_bias_callback():
     model = Transformer(tiny(), router=AuxFreeRouter)
     with pytest.raises(ValueError, match="callbacks.bias_balancing"):
         check_bias_balancing(model, [])
-    check_bias_balancing(Transformer(tiny()), [])  # other routers do not need it
+    check_bias_balancing(Transformer(tiny(), router=TopKRouter), [])  # other routers do not need it
 
 
 # -- shared experts -----------------------------------------------------------------------------------------
 def test_shared_experts_equal_a_dense_swiglu_of_the_same_width():
     torch.manual_seed(0)
     args = tiny(n_layers=1, num_shared_experts=2, shared_hidden_dim=24)
-    moe = Transformer(args).layers[0].feed_forward
+    moe = Transformer(args, router=TopKRouter).layers[0].feed_forward
     with torch.no_grad():
         moe.experts.w2.zero_()  # the routed experts add nothing
     x = torch.randn(2, 7, args.dim)
@@ -145,7 +146,7 @@ def test_shared_experts_equal_a_dense_swiglu_of_the_same_width():
     halves = sum(F.linear(F.silu(F.linear(x, w1[h])) * F.linear(x, w3[h]), w2[:, h])
                  for h in (slice(0, 24), slice(24, 48)))
     torch.testing.assert_close(y, halves)
-    params = Transformer(args).num_params()
+    params = Transformer(args, router=TopKRouter).num_params()
     assert params["total"] - params["active"] == moe.experts.w13.numel() // 4 * 3 + moe.experts.w2.numel() // 4 * 3
 
 
@@ -202,14 +203,20 @@ def test_dropped_copies_add_nothing_and_loop_equals_grouped(seed):
 
 def test_capacity_in_the_model_is_causal_and_large_capacity_is_dropless():
     torch.manual_seed(0)
-    model = Transformer(tiny(capacity_factor=1.0))
+    with pytest.raises(ValueError, match="model.allow_lookahead=true"):
+        tiny(capacity_factor=1.0)
+    model = Transformer(tiny(capacity_factor=1.0, allow_lookahead=True), router=TopKRouter)
+    assert not model.causal
     ids = torch.randint(0, 512, (3, 20))
     out = model(ids)
     assert all(r.dropped is not None and r.dropped.any() for r in out.routing)
-    assert audit_model(model, trials=8).passed  # position-major priority: no copy dropped because of a later token
-    roomy = Transformer(tiny(capacity_factor=8.0))  # capacity >= every copy: nothing dropped
+    # the capacity is a share of the whole forward's copies: a prefix or cached decoding drops differently
+    args = tiny(capacity_factor=1.0, allow_lookahead=True)
+    assert not audit(TopKRouter, args, synthetic_inputs(args.vocab_size), seeds=1, fail_fast=True).passed
+    # capacity >= every copy: nothing dropped
+    roomy = Transformer(tiny(capacity_factor=8.0, allow_lookahead=True), router=TopKRouter)
     roomy.load_state_dict(model.state_dict())
-    dropless = Transformer(tiny())
+    dropless = Transformer(tiny(), router=TopKRouter)
     dropless.load_state_dict(model.state_dict())
     torch.testing.assert_close(roomy(ids).logits, dropless(ids).logits)
     assert not any(r.dropped.any() for r in roomy(ids).routing)
@@ -270,7 +277,7 @@ def test_sinkhorn_balances_a_skewed_router():
     (functools.partial(TopKRouter, renormalize=False), {}, "not Mixtral's learned top-k gate"),
     (AuxFreeRouter, {}, "not Mixtral's learned top-k gate"),
     (TopKRouter, {"num_shared_experts": 1}, "num_shared_experts=0"),
-    (TopKRouter, {"capacity_factor": 1.25}, "never drops tokens"),
+    (TopKRouter, {"capacity_factor": 1.25, "allow_lookahead": True}, "never drops tokens"),
 ], ids=["sigmoid", "raw-weights", "aux_free", "shared", "capacity"])
 def test_hf_export_refuses_what_mixtral_cannot_express(router, args, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -285,7 +292,8 @@ def _ep_worker(rank: int, init_method: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
-        cases = {"capacity+shared": (TopKRouter, dict(capacity_factor=0.75, num_shared_experts=1)),
+        cases = {"capacity+shared": (TopKRouter, dict(capacity_factor=0.75, allow_lookahead=True,
+                                                      num_shared_experts=1)),
                  "expert_choice": (functools.partial(ExpertChoiceRouter, allow_lookahead=True), {})}
         for name, (router, kw) in cases.items():
             args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=128,
@@ -355,7 +363,7 @@ def test_aux_free_bias_updates_once_per_optimizer_step_under_accumulation(tmp_pa
 
     run = build(compose_run(tmp_path, "router=aux_free", "router.bias_update_rate=0.25", "loss=no_aux",
                             "+trainer.accumulate_grad_batches=2", "model.capacity_factor=1.0",
-                            "model.num_shared_experts=1"))
+                            "model.allow_lookahead=true", "model.num_shared_experts=1"))
     probe = StepCounts()
     run.trainer.callbacks.append(probe)
     try:
@@ -378,7 +386,7 @@ VARIANT_RUNS = {
     "aux_free": ["router=aux_free", "loss=no_aux"],
     "expert_choice": ["router=expert_choice", "router.allow_lookahead=true"],
     "balanced": ["router=balanced", "router.allow_lookahead=true"],
-    "capacity": ["model.capacity_factor=1.0"],
+    "capacity": ["model.capacity_factor=1.0", "model.allow_lookahead=true"],
     "shared": ["model.num_shared_experts=2", "model.shared_hidden_dim=32"],
     "fine_grained": ["model.num_experts=16", "model.num_experts_per_tok=4", "model.hidden_dim=32"],
 }

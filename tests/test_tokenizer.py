@@ -11,6 +11,7 @@ import sentencepiece as spm
 import torch
 
 from moe_variants.data import tokenizer as T
+from moe_variants.routers import spans
 
 PROSE = [
     "The quick brown fox jumps over the lazy dog.",
@@ -164,15 +165,46 @@ def test_mixtral_refuses_another_model_file(tmp_path, monkeypatch):
         T.load_tokenizer("mixtral")
 
 
-def test_word_start_table(mixtral):
-    table = T.word_start_table_for(mixtral)
-    assert table.shape == (32000,) and table.dtype == torch.bool
-    ids = mixtral.encode("unbelievable, hello", add_special_tokens=False)
-    pieces = ids.tokens
-    assert pieces[0].startswith("\u2581") and table[ids.ids[0]]
-    assert table[:3].all()  # <unk>, <s>, </s>
-    assert table[mixtral.token_to_id("<0x0A>")]
-    assert not table[mixtral.token_to_id("able")]
+def word_spans(tok, text: str) -> list[str]:
+    """The word spans of ``text`` under ``tok``, as "|"-joined pieces."""
+    enc = tok.encode(text, add_special_tokens=False)
+    kinds = spans.piece_kinds(T.vocab_pieces(tok), T.special_token_ids(tok))
+    out: list[list[str]] = []
+    for piece, start in zip(enc.tokens, spans.word_starts(torch.tensor([enc.ids]), kinds)[0].tolist()):
+        if start:
+            out.append([])
+        out[-1].append(piece)
+    return ["|".join(s) for s in out]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # code: the identifier after "(" or "." starts its own word, punctuation and the newline are their own spans
+    ("def f(self):\n    return self.append(None)",
+     ["▁def", "▁f", "(", "self", "):", "<0x0A>", "▁▁▁", "▁return", "▁self", ".",
+      "append", "(", "None", ")"]),
+    # prose: a multi-piece word is one span; a line-initial word does not join the newline
+    ("The unbelievable story.\nThe end",
+     ["▁The", "▁un|bel|iev|able", "▁story", ".", "<0x0A>", "The", "▁end"]),
+    # LaTeX
+    ("\\begin{equation} x^2 \\end{equation}",
+     ["▁\\", "begin", "{", "equation", "}", "▁x", "^", "2", "▁\\", "end", "{", "equation", "}"]),
+    # accented letters are pieces of the word
+    ("naïve café", ["▁na|ï|ve", "▁café"]),
+    # the byte-fallback pieces of one character stay together; a letter after it starts a word
+    ("x\U0001f99cy parrot", ["▁x", "<0xF0>|<0x9F>|<0xA6>|<0x9C>", "y", "▁par|rot"]),
+])
+def test_word_spans_of_the_mixtral_tokenizer(mixtral, text, expected):
+    assert word_spans(mixtral, text) == expected
+
+
+def test_piece_kinds_of_the_mixtral_vocabulary(mixtral):
+    kinds = spans.piece_kinds(T.vocab_pieces(mixtral), T.special_token_ids(mixtral))
+    assert kinds.shape == (32000,) and kinds.dtype == torch.int8
+    kind = {name: int(kinds[mixtral.token_to_id(name)]) for name in
+            ("<s>", "<0x0A>", "<0x09>", "<0xC3>", "<0x9F>", "▁The", "able", "(", "▁=", "▁")}
+    assert kind == {"<s>": spans.SPECIAL, "<0x0A>": spans.SPACE, "<0x09>": spans.SPACE, "<0xC3>": spans.BYTE_LEAD,
+                    "<0x9F>": spans.BYTE_CONT, "▁The": spans.WORD, "able": spans.CONT, "(": spans.PUNCT,
+                    "▁=": spans.PUNCT, "▁": spans.SPACE}
 
 
 def test_trained_bpe_is_cached(tmp_path, monkeypatch):
@@ -196,7 +228,14 @@ def test_trained_bpe_is_cached(tmp_path, monkeypatch):
     again = T.load_tokenizer("bpe:300", corpus_dir=corpus)
     assert T.tokenizer_fingerprint(again) == T.tokenizer_fingerprint(tok)
     assert tok.decode(tok.encode("hello world").ids) == "hello world"
-    assert T.word_start_table_for(tok).shape == (tok.get_vocab_size(),)
+    pieces = T.vocab_pieces(tok)  # byte-level stand-ins decoded into SentencePiece notation
+    assert len(pieces) == tok.get_vocab_size()
+    newline = tok.token_to_id("\u010a")  # byte-level BPE's stand-in for "\n"
+    assert pieces[newline] == "\n" and pieces[tok.token_to_id("\u0120")] == "\u2581"  # "Ġ": a space
+    enc = tok.encode("x\nThe", add_special_tokens=False)
+    starts = spans.word_starts(torch.tensor([enc.ids]), spans.piece_kinds(pieces, T.special_token_ids(tok)))[0]
+    at = enc.ids.index(newline)
+    assert starts[at] and starts[at + 1]  # the newline is its own span, the line-initial word starts one
 
 
 def test_bad_names():

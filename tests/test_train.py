@@ -15,15 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
+from google.protobuf.message import DecodeError
 from hydra import compose, initialize_config_dir
 
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.build import load_model
-from moe_variants.training.checkpoint import save_atomic
+from moe_variants.training.checkpoint import AtomicCheckpointIO, checkpoint_nonfinite, save_atomic
 from moe_variants.training.run import run
+from moe_variants.training.wandb_offline import read_run
 
 FAST = ["model=tiny", "data=standin", "data.seq_len=32", "data.batch_size=4", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
         "trainer.val_check_interval=100", "scheduler.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=100"]
+
+
+SMALL = ["data.vocab_size=512", "model.vocab_size=512"]  # small checkpoints, for tests that write many
 
 
 def compose_run(tmp: Path, *overrides: str, name: str = "test"):
@@ -32,7 +38,7 @@ def compose_run(tmp: Path, *overrides: str, name: str = "test"):
         return compose("config", overrides=[*base, *overrides])
 
 
-# -- reading W&B offline runs back (LevelDB-log framing of protobuf Records, ENVIRONMENT.md §2) ----------------
+# -- reading W&B offline runs back (a .wandb file: LevelDB-log framing of protobuf Records) -----------------
 def wandb_records(path: Path, block: int = 32768):
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -58,18 +64,30 @@ def wandb_records(path: Path, block: int = 32768):
 
 
 def read_wandb_run(run_dir: Path, timeout_s: float = 20.0) -> dict:
-    """Group, tags, config and history of the (last) offline W&B run under ``run_dir``. wandb-core may still be
-    flushing right after ``finish()``, so wait for the run's exit record."""
+    """Name, project, group, tags, config, history, metric definitions and summary of the (last) offline W&B run
+    under ``run_dir``. wandb-core may still be flushing right after ``finish()``, so wait for the run's exit
+    record."""
     deadline = time.monotonic() + timeout_s
     while True:
         files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
         assert files, f"no offline W&B run under {run_dir}"
-        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False}
-        for rec in wandb_records(files[-1]):
+        out = {"config": {}, "history": [], "group": None, "tags": [], "exited": False, "metrics": {}, "summary": {}}
+        try:
+            recs = list(wandb_records(files[-1]))
+        except DecodeError:  # a record wandb-core has not finished writing: read again
+            time.sleep(0.2)
+            continue
+        for rec in recs:
             kind = rec.WhichOneof("record_type")
             if kind == "run":
                 out["group"], out["tags"] = rec.run.run_group, list(rec.run.tags)
+                out.update(name=rec.run.display_name, project=rec.run.project, job_type=rec.run.job_type)
                 out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "metric":  # define_metric
+                out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric
+            elif kind == "summary":
+                out["summary"].update(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
             elif kind == "config":
                 out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
             elif kind == "history":
@@ -107,8 +125,8 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
     assert (tmp_path / "report.md").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["unigram_entropy"] > 0
     assert report["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
-    wb = read_wandb_run(tmp_path)
-    assert wb["exited"], "the W&B run was not closed"
+    wb = read_run(tmp_path, wait_s=60)  # wandb-core may still be flushing right after finish()
+    assert wb["exit_code"] == 0, "the W&B run was not closed as finished"
     assert Path(report["wandb_run_dir"]).is_dir()
     assert wb["group"] == "e2e" and {"topk", "seed-0"} <= set(wb["tags"])
     cfg = wb["config"]
@@ -116,20 +134,35 @@ def test_tiny_run_end_to_end_with_wandb_offline(tmp_path):
     assert cfg["loss"] == {"load_balance": 0.01, "z_loss": 0.001} and cfg["name"] == "topk-s0"
     logged = {k for row in wb["history"] for k in row}
     assert {"train/loss", "train/lm_loss", "train/load_balance", "train/z_loss", "train/lr", "val/loss",
-            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first",
-            "routing/layer0/load/e7"} <= logged
+            "val/alpha/loss", "routing/layer0/entropy", "routing/layer1/repeat_first", "routing/layer1/repeat_any",
+            "routing/repeat_any", "routing/layer0/load/e7", "train/tokens_per_s"} <= logged
 
 
-def test_multirun_runs_share_one_wandb_group(tmp_path):
-    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=topk,hash", "seed=0", "experiment=sweep1",
-           f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb", "trainer.max_steps=2", "report=false", *FAST]
+def test_multirun_over_any_key_gets_a_folder_per_job(tmp_path):
+    """``-m router=hash router.table=random,balanced``: each job gets its own folder and W&B run named
+    ``hash-s0,<its overrides>``, tags with the swept value, one W&B group; one line per Lightning log event, also
+    in the job's log file; a progress bar over the steps."""
+    fast = [o for o in FAST if "progress_bar" not in o]
+    cmd = [sys.executable, "-m", "moe_variants.training.run", "-m", "router=hash", "router.table=random,balanced",
+           "seed=0", "experiment=sweep1", f"hydra.searchpath=[file://{TEST_CONF_DIR}]", "logger=wandb",
+           "trainer.max_steps=2", "report=false", *fast]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {name: read_wandb_run(tmp_path / "runs" / "sweep1" / name) for name in ("topk-s0", "hash-s0")}
-    assert {r["group"] for r in runs.values()} == {"sweep1"}
-    assert runs["hash-s0"]["config"]["router"]["_target_"].endswith("HashRouter")
-    assert "hash" in runs["hash-s0"]["tags"] and "topk" in runs["topk-s0"]["tags"]
-    assert (tmp_path / "runs" / "sweep1" / "hash-s0" / "checkpoints" / "last.ckpt").is_file()
+    common = "data.batch_size=4,data.seq_len=32,data=standin,model=tiny"  # sorted; FAST's run-mechanics left out
+    for table in ("random", "balanced"):
+        name = f"hash-s0,{common},router.table={table},scheduler.warmup_steps=2,trainer.accelerator=cpu"
+        run_dir = tmp_path / "runs" / "sweep1" / name
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run_dir.parent.iterdir())
+        wb = read_wandb_run(run_dir)
+        assert wb["group"] == "sweep1" and wb["name"] == name
+        assert {"hash", "seed-0", f"router.table={table}"} <= set(wb["tags"])
+        assert wb["config"]["router"]["table"] == table and wb["config"]["choices"]["router"] == "hash"
+        assert (run_dir / "run.log").read_text().count("GPU available:") == 1  # Lightning's lines in the job log
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert "router=hash" in overrides  # Hydra's record, written once the run dir was claimed
+    output = proc.stdout + proc.stderr
+    assert output.count("GPU available:") == 2, output[-3000:]  # once per job
+    assert "train: 100%" in output and "2/2" in output and "Epoch 0/-2" not in output
 
 
 def test_resume_reproduces_uninterrupted_losses(trained, tmp_path):
@@ -181,6 +214,28 @@ def test_run_dir_in_use_is_refused(tmp_path):
     assert not (tmp_path / ".running").exists()
 
 
+def test_vocabulary_router_run_reports_its_routing_and_reloads_without_the_corpus(tmp_path):
+    """A routing-vocabulary run: the report says what routed the tokens; load_model rebuilds the router from the
+    checkpoint alone (vocabulary, piece kinds and tables are buffers) and routes as the trained model."""
+    cfg = compose_run(tmp_path, "router=span_prefix", "router.vocab_size=256", "router.learned_top=4",
+                      "trainer.max_steps=2")
+    report = run(cfg)
+    shares = report["routing_shares"]
+    assert set(shares) == {"vocab", "bucket", "learned"} and min(shares.values()) > 0
+    assert abs(sum(shares.values()) - 1) < 1e-9 and "the learned gate" in (tmp_path / "report.md").read_text()
+    model, _ = load_model(tmp_path)
+    ids = torch.randint(3, 300, (2, 32))
+    from standin_data import StandinDataModule
+
+    from moe_variants.training.build import build_model, make_resources
+
+    dm = StandinDataModule(seq_len=32, batch_size=4)
+    dm.setup("fit")
+    fresh = build_model(cfg, resources=make_resources(dm))  # the vocabulary of the same (stand-in) corpus
+    for a, b in zip(model(ids).routing, fresh.eval()(ids).routing):
+        assert torch.equal(a.expert_ids, b.expert_ids)
+
+
 def test_load_model_rejects_non_checkpoints(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
@@ -229,11 +284,83 @@ def test_nan_loss_raises_before_the_optimizer_step(tmp_path):
     assert all(torch.equal(before[k], after[k]) or k == "norm.weight" for k in before)
 
 
+def test_nan_gradient_keeps_the_last_good_checkpoint_and_resume_is_exact(trained, tmp_path):
+    """A NaN gradient at step 3 (injected after backward) stops the run before the optimizer step: no checkpoint of
+    that step or later, last.ckpt is the finite step-2 state, and resuming from it ends where the uninterrupted run
+    ends, bit for bit."""
+    steps = ["trainer.max_steps=6", "scheduler.total_steps=6", "callbacks.checkpoint.every_n_train_steps=2"]
+    with pytest.raises(FloatingPointError, match=r"NaN/inf gradient at step 3 \(1 parameters.*lower the LR"):
+        run(compose_run(tmp_path, *steps, "+callbacks.nan._target_=fault_injection.NanGradAt", "+callbacks.nan.step=3"))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000002.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 and not checkpoint_nonfinite(last)
+    assert not (tmp_path / ".running").exists()
+    run(compose_run(tmp_path, *steps, "ckpt_path=last"))
+    ref_dir, _ = trained
+    want = torch.load(ref_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    got = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert csv_losses(tmp_path) == csv_losses(ref_dir)
+
+
+def test_huge_learning_rate_never_writes_a_nonfinite_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"optimizer.lr=1000000.0 with optimizer.weight_decay=0.1: AdamW multiplies"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6"))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    # without weight decay the weights reach ~1e5 within 3 steps, then the gradients overflow
+    with pytest.raises(FloatingPointError, match=r"NaN/inf (gradient|loss) at step (\d+) .*largest \|weight\| now"):
+        run(compose_run(tmp_path, "optimizer.lr=1e6", "optimizer.weight_decay=0", "trainer.max_steps=8",
+                        "scheduler.warmup_steps=30", "callbacks.checkpoint.every_n_train_steps=1", *SMALL))
+    ckpts = {p.name: torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/*")}
+    assert "last.ckpt" in ckpts and len(ckpts) >= 2
+    assert all(not checkpoint_nonfinite(c) for c in ckpts.values())
+    assert ckpts["last.ckpt"]["global_step"] == max(c["global_step"] for c in ckpts.values()) < 8
+
+
+def test_checkpoint_io_refuses_nonfinite_values(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    bad = {"state_dict": {"w": torch.ones(3)}, "global_step": 2,
+           "optimizer_states": [{"state": {0: {"exp_avg_sq": torch.tensor([1.0, float("inf")])}}}]}
+    with pytest.raises(FloatingPointError, match=r"refusing to write checkpoint .* at step 2: non-finite values in "
+                                                 r"optimizer_states.0.state.0.exp_avg_sq"):
+        AtomicCheckpointIO().save_checkpoint(bad, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1 and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_load_model_refuses_nonfinite_weights(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["model.output.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"holds NaN/inf weights \(output.weight\).*use an earlier checkpoint"):
+        load_model(tmp_path / "nan.ckpt")
+
+
+def test_resume_refuses_a_silent_change_of_what_is_trained(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match=r"differing keys:\n  scheduler.total_steps: checkpoint 6, config 8\n"
+                                         r"scheduler.total_steps is the LR schedule's horizon") as err:
+        run(compose_run(tmp_path, ckpt, "trainer.max_steps=8"))  # the horizon would follow the stop step
+    assert "resume_allow_changes=[scheduler.total_steps]" in str(err.value)
+    with pytest.raises(ValueError, match=r"optimizer.lr: checkpoint 0.003, config 0.001\n  data.seq_len: checkpoint "
+                                         r"32, config 16\n(.|\n)*resume_allow_changes=\[optimizer.lr,data.seq_len\]"):
+        run(compose_run(tmp_path, ckpt, "trainer.max_steps=6", "scheduler.total_steps=6", "optimizer.lr=1e-3",
+                        "data.seq_len=16"))
+    assert not any(tmp_path.iterdir())  # refused runs write nothing
+    # explicit: the new LR is taken, the run resumes (here: already at its last step, so it only validates)
+    report = run(compose_run(tmp_path, ckpt, "trainer.max_steps=6", "scheduler.total_steps=6", "optimizer.lr=1e-3",
+                             "resume_allow_changes=[optimizer.lr]", "report=false"))
+    assert report["val_loss"] == trained[1]["val_loss"]
+
+
 def test_weight_decay_skips_only_norm_gains(tiny_args):
     from moe_variants import Transformer
     from moe_variants.training.lit import LitMoE
 
-    model = Transformer(tiny_args)
+    model = Transformer(tiny_args, router=TopKRouter)
     lit = LitMoE(model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
                  scheduler=None, loss_coefficients={})
     decay, no_decay = lit.configure_optimizers().param_groups

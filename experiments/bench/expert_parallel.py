@@ -98,22 +98,24 @@ def compose(a: argparse.Namespace) -> Any:
         return hydra_compose(config_name="config", overrides=overrides), overrides
 
 
-def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded random tokens (steps, B, S), next-token labels (last position ignored), a word-start table."""
+def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Seeded random tokens (steps, B, S), next-token labels (last position ignored), synthetic router resources
+    (a random word-span table and corpus, so that word-span and vocabulary routers run on synthetic text)."""
+    from moe_variants.routers.resources import synthetic_resources
+
     g = torch.Generator().manual_seed(a.seed + 1)
     ids = torch.randint(0, vocab, (a.steps, a.batch_size, a.seq_len), generator=g)
     labels = ids.roll(-1, dims=-1)
     labels[..., -1] = -100
-    word_start = torch.rand(vocab, generator=g) < 0.3  # so that word-span routers run on synthetic text
-    return ids, labels, word_start
+    return ids, labels, synthetic_resources(vocab, seed=a.seed)
 
 
-def build(cfg: Any, a: argparse.Namespace, word_start: torch.Tensor, dev: torch.device, ep: bool) -> torch.nn.Module:
+def build(cfg: Any, a: argparse.Namespace, resources: Any, dev: torch.device, ep: bool) -> torch.nn.Module:
     from moe_variants.parallel import expert_parallel as parallel
     from moe_variants.training.build import build_model
 
     torch.manual_seed(a.seed)
-    model = build_model(cfg, word_start_table=word_start)
+    model = build_model(cfg, resources=resources)
     if ep:
         parallel.apply_expert_parallel(model)  # slices the same full init on every rank
     return model.to(dev).train()
@@ -309,15 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.batch_size % world:
             raise ValueError(f"--batch-size {a.batch_size} must be divisible by the world size {world}")
         cfg, overrides = compose(a)
-        ids, labels, word_start = make_data(a, int(cfg.model.vocab_size))
+        ids, labels, resources = make_data(a, int(cfg.model.vocab_size))
         coefs = {k: float(v) for k, v in cfg.loss.items()}
         single = None
         if rank == 0:  # the reference: one device, the whole global batch
-            single = train(build(cfg, a, word_start, dev, ep=False), ids, labels, a, dev, False, coefs)
+            single = train(build(cfg, a, resources, dev, ep=False), ids, labels, a, dev, False, coefs)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         dist.barrier()
-        ep = train(build(cfg, a, word_start, dev, ep=True), ids, labels, a, dev, True, coefs)
+        ep = train(build(cfg, a, resources, dev, ep=True), ids, labels, a, dev, True, coefs)
         # (not on CPU: after all-to-alls of this size, gloo sometimes aborts a rank at exit)
         try:
             probe = comm_probe(dev, (1, 8, 32, 128)) if dev.type == "cuda" else []
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             share = a.batch_size // world  # weak-scaling baseline: one GPU doing one rank's share
-            single_share = train(build(cfg, a, word_start, dev, ep=False), ids[:, :share], labels[:, :share], a,
+            single_share = train(build(cfg, a, resources, dev, ep=False), ids[:, :share], labels[:, :share], a,
                                  dev, False, coefs)
         dist.barrier()  # every rank leaves together (a rank that tore down its group early could abort)
         if rank != 0:

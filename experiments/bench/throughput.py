@@ -30,7 +30,8 @@ from moe_variants import ModelArgs, Transformer
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.hash import HashRouter
-from moe_variants.routers.span import SpanRouter
+from moe_variants.routers.resources import bind_resources, synthetic_resources
+from moe_variants.routers.span import SpanHeadRouter
 from moe_variants.routers.topk import TopKRouter
 
 
@@ -49,9 +50,11 @@ class BenchConfig:
     top_k: int = 2
 
 
-CONFIGS = {  # the two shapes of the issue (HF numbers measured there: 85k/141k/223k and 49k/58k/71k tok/s)
+CONFIGS = {
     "A": BenchConfig("A", dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=3584, seq_len=2048, batch=8),
     "B": BenchConfig("B", dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, hidden_dim=7168, seq_len=4096, batch=4),
+    # Mixtral 8x7B's layer (dim 4096, 32/8 heads, hidden 14336), two of them
+    "C": BenchConfig("C", dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, hidden_dim=14336, seq_len=4096, batch=4),
     "smoke": BenchConfig("smoke", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, seq_len=64, batch=2,
                          vocab_size=1000),
 }
@@ -77,6 +80,11 @@ def args_for(c: BenchConfig, **kw) -> ModelArgs:
     base = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, hidden_dim=c.hidden_dim,
                 vocab_size=c.vocab_size, num_experts=c.num_experts, num_experts_per_tok=c.top_k, max_seq_len=c.seq_len)
     return ModelArgs(**{**base, **kw})
+
+
+def capacity(factor: float) -> dict:
+    """Capacity dropping (it looks ahead across the batch, so it builds only when allowed)."""
+    return dict(capacity_factor=factor, allow_lookahead=True)
 
 
 def fine_grained(c: BenchConfig, shared: int = 0) -> dict:
@@ -132,8 +140,8 @@ def hf_model(c: BenchConfig, experts_impl: str):
 
 
 def our_model(c: BenchConfig, router, **args) -> tuple[torch.nn.Module, callable]:
-    model = Transformer(args_for(c, **args), router=router, experts="grouped" if torch.cuda.is_available() else "loop",
-                        word_start_table=torch.rand(c.vocab_size) < 0.4)
+    router = bind_resources(router, synthetic_resources(c.vocab_size))  # random word spans, for span routers
+    model = Transformer(args_for(c, **args), router=router, experts="grouped" if torch.cuda.is_available() else "loop")
 
     def loss_fn(m, ids):
         labels = ids.roll(-1, 1)
@@ -155,10 +163,13 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compile_ else model
-    ids = torch.randint(0, c.vocab_size, (c.batch, c.seq_len), device=device)
+    # a fresh batch every step: a repeated batch lets fixed routing memorise it, and its loss would mean nothing
+    # (random ids: no loss is reported; only time and memory)
+    batches = torch.randint(0, c.vocab_size, (warmup + steps, c.batch, c.seq_len), device=device).unbind(0)
+    next_batch = iter(batches)
 
     def step():
-        loss = loss_fn(step_model, ids)
+        loss = loss_fn(step_model, next(next_batch))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,19 +186,19 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
         if device == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            loss = step()
+            step()
             e.record()
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
         else:
             t = time.perf_counter()
-            loss = step()
+            step()
             times.append(time.perf_counter() - t)
     times.sort()
     median = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     result = {"variant": name, "tokens_per_s": c.batch * c.seq_len / median, "step_s": median,
-              "peak_mem_gib": peak, "warmup_s": warm_s, "loss": float(loss)}
+              "peak_mem_gib": peak, "warmup_s": warm_s}
     print(f"  {name:28s} {result['tokens_per_s']:>10.0f} tok/s  step {median * 1e3:7.1f} ms  "
           f"peak {peak:6.1f} GiB  (warm-up {warm_s:.0f} s)", flush=True)
     return result
@@ -209,11 +220,11 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
     plan += [
         ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
-        ("ours_span", lambda: our_model(c, partial(SpanRouter)), compile_),
+        ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
         ("ours_aux_free", lambda: our_model(c, partial(AuxFreeRouter)), compile_),
-        ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.0), compile_),
-        ("ours_topk_capacity1.25", lambda: our_model(c, partial(TopKRouter), capacity_factor=1.25), compile_),
+        ("ours_topk_capacity1.0", lambda: our_model(c, partial(TopKRouter), **capacity(1.0)), compile_),
+        ("ours_topk_capacity1.25", lambda: our_model(c, partial(TopKRouter), **capacity(1.25)), compile_),
         ("ours_fine_grained", lambda: our_model(c, partial(TopKRouter), **fine_grained(c)), compile_),
         ("ours_fine_grained_shared2", lambda: our_model(c, partial(TopKRouter), **fine_grained(c, shared=2)),
          compile_),

@@ -14,9 +14,23 @@ import torch
 
 from moe_variants.paths import REPO_ROOT
 
-ARMS = ("topk", "hash_random", "hash_balanced", "span_head", "span_vocab", "hash_distilled")
+ARMS = ("topk", "hash_random", "hash_balanced", "span_head", "span_first_piece", "span_prefix", "hash_distilled")
 RUN_DIR = re.compile(r"^(?P<arm>[a-z][a-z0-9_]*)-s(?P<seed>\d+)$")  # <arm>-s<seed>, the study's run-dir names
-CONF_DIR = REPO_ROOT / "conf"
+CONF_DIR = REPO_ROOT / "conf"  # the framework's configs (moe-train's config.yaml)
+STUDY_CONF_DIR = Path(__file__).resolve().parent / "conf"  # the study's own groups: study/ and arm/
+
+
+def study_overrides(study: str, overrides: list[str] = ()) -> list[str]:
+    """``+study=<study>`` and the overrides, with the study's config folder on Hydra's search path. Hydra keeps
+    only the first ``hydra.searchpath=`` it is given, so a search path among the overrides is merged into it."""
+    paths = [f"file://{STUDY_CONF_DIR}"]
+    rest = []
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            paths += [x.strip() for x in o.split("=", 1)[1].strip().strip("[]").split(",") if x.strip()]
+        else:
+            rest.append(o)
+    return [f"hydra.searchpath=[{','.join(paths)}]", f"+study={study}", *rest]
 
 
 def study_config(study: str, overrides: list[str] = ()) -> Any:
@@ -24,7 +38,7 @@ def study_config(study: str, overrides: list[str] = ()) -> Any:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"+study={study}", *overrides])
+        return compose("config", overrides=study_overrides(study, overrides))
 
 
 def study_root(study: str, overrides: list[str] = ()) -> Path:
@@ -95,11 +109,11 @@ class OnDevice:
         self.layers = model.layers
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 span_start: torch.Tensor | None = None) -> SimpleNamespace:
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
         to = (lambda t: None if t is None else t.to(self.device))  # noqa: E731
-        out = self.model(to(input_ids), labels=to(labels), span_start=to(span_start))
+        out = self.model(to(input_ids), labels=to(labels))
         routing = [SimpleNamespace(expert_ids=r.expert_ids.cpu(),
-                                   logits=None if r.logits is None else r.logits.float().cpu()) for r in out.routing]
+                                   logits=None if r.logits is None else r.logits.float().cpu(),
+                                   dropped=None if r.dropped is None else r.dropped.cpu()) for r in out.routing]
         loss = None if out.lm_loss is None else out.lm_loss.float().cpu()
         return SimpleNamespace(lm_loss=loss, routing=routing)

@@ -3,6 +3,7 @@ per arm, written to ``results/<study>/``.
 
     python experiments/router_study/analyze.py --study router_study          # runs/router_study -> results/router_study
     python experiments/router_study/analyze.py --study router_study --report-only   # from results/router_study alone
+    python experiments/router_study/analyze.py --study router_study --report-only --run-plots  # + per-run figures
 
 Per run (``results/<study>/runs/<arm>-s<seed>/``): the moe-analyze files (table5, plots, tokens.html,
 metrics.json) over each domain's validation windows, a copy of the run's report.json, ``run.json`` (what the
@@ -10,6 +11,9 @@ study report reads) and, when the run logged to offline W&B, ``history.json`` (i
 checkpoint did not change since its run.json is not analysed again. Study files: ``report.md`` (tables and the
 answers the numbers allow), ``summary.csv`` (per arm), ``runs.csv`` (per run), ``val_loss_per_domain.png``,
 ``learning_curves.png``, ``token_id_predictability.png``, ``routing_per_layer.png``.
+
+Git keeps each run's table5 and metrics.json, not its figures: ``--run-plots`` redraws the plots from
+metrics.json, and ``moe-analyze`` on the run's checkpoint writes tokens.html.
 
 The rule: a difference between two arms is called a difference only when |mean_a - mean_b| > std_a + std_b
 (sample std over seeds) and both arms have at least 2 seeds. Anything else is reported as within the seed spread.
@@ -34,16 +38,20 @@ from _study import ARMS, OnDevice, RunInfo, datamodule_for, find_runs, pick_devi
 from wandb_history import read_history  # noqa: E402
 
 REFERENCE = "topk"
-LAYER_METRICS = {  # per-layer routing metric -> label
+LAYER_METRICS = {  # per-layer routing metric -> label (metrics no run has are left out of the report)
     "token_id_predictability": "token-id predictability",
-    "token_id_predictability_heldout": "token-id predictability, held out",
+    "token_id_predictability_heldout_by_doc": "token-id predictability, held out by document",
+    "token_id_predictability_heldout": "token-id predictability, even vs odd windows (not held out: documents "
+                                       "span windows)",
+    "vocabulary_specialization": "vocabulary specialisation",
     "repeat_first": "first-choice repeat rate",
     "span_coherence": "span coherence",
     "load_max_over_mean": "load max/mean",
 }
+RANDOM = "_random"  # <metric>_random: the metric for uniformly random routing of the same tokens (its floor)
 QUESTIONS = {
     "hash": ("hash_random", "hash_balanced", "hash_distilled"),
-    "span": ("span_head", "span_vocab"),
+    "span": ("span_head", "span_first_piece", "span_prefix"),
 }
 
 
@@ -112,21 +120,24 @@ def _stamp(path: Path) -> dict[str, int] | None:
     return {"size": s.st_size, "mtime_ns": s.st_mtime_ns}
 
 
-def heldout_predictability(data: dict[str, Any], layer: int) -> float:
-    """Token-id predictability fitted on the even analysis windows and scored on the odd ones (ids unseen in the
-    even windows get the most used expert): how well a fixed table would predict the router on new text."""
-    from moe_variants.analysis import token_id_predictability
+def heldout_predictability(data: dict[str, Any], layer: int, num_experts: int) -> dict[str, float]:
+    """Token-id predictability fitted on half of the analysed documents and scored on the other half (ids unseen in
+    the fitting half get the most used expert): how well a fixed table would predict the router on new text; and
+    the same for uniformly random routing of the same tokens. (v1 of this study split even and odd windows, which
+    share the documents they were cut from: that was not held out.)"""
+    from moe_variants.analysis import heldout_token_id_predictability, random_routing_baseline
 
-    eids, ids = data["expert_ids"][layer], data["input_ids"]
-    if ids.shape[0] < 2:
-        return math.nan
-    return token_id_predictability(eids[0::2], ids[0::2], held_out=(eids[1::2], ids[1::2]))
+    eids, ids, doc = data["expert_ids"][layer], data["input_ids"], data["doc_start"]
+    fn = lambda e: heldout_token_id_predictability(e, ids, doc)  # noqa: E731
+    key = "token_id_predictability_heldout_by_doc"
+    return {key: fn(eids), key + RANDOM: random_routing_baseline(fn, ids.shape, num_experts, eids.shape[-1])}
 
 
 def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batch_size: int = 8,
                 device: str = "auto", force: bool = False, data_overrides: dict[str, Any] | None = None
                 ) -> dict[str, Any] | None:
     """``out/runs/<name>/run.json`` for a finished run (None if it has no report.json yet)."""
+    from moe_variants.analysis import paper_layers
     from moe_variants.analysis.analyze import analyze, collect
     from moe_variants.training.build import load_model
 
@@ -154,9 +165,12 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
         n = len(model.layers)
         pieces = [dm.tokenizer.id_to_token(i) or "" for i in range(dm.vocab_size)] if dm.tokenizer else \
             [str(i) for i in range(dm.vocab_size)]
-        metrics = analyze(model, data, dm.domains, pieces, rdir, sorted({0, n // 2, n - 1}))
+        metrics = analyze(model, data, dm.domains, pieces, rdir, paper_layers(n))
         record["layers"] = [{"layer": p["layer"], "token_id_predictability": p["token_id_predictability"],
-                             "token_id_predictability_heldout": heldout_predictability(data, p["layer"]),
+                             "token_id_predictability" + RANDOM: p["token_id_predictability" + RANDOM],
+                             **heldout_predictability(data, p["layer"], model.args.num_experts),
+                             "vocabulary_specialization": p["vocabulary_specialization"],
+                             "vocabulary_specialization" + RANDOM: p["vocabulary_specialization" + RANDOM],
                              "repeat_first": p["repeat_first"], "repeat_any": p["repeat_any"],
                              "span_coherence": p["span_coherence"]["first"],
                              "span_coherence_all": p["span_coherence"]["all"],
@@ -168,6 +182,25 @@ def analyse_run(run: RunInfo, out: Path, *, sequences_per_domain: int = 32, batc
         record["analysis_seconds"] = time.perf_counter() - t0
     cached.write_text(json.dumps(record, indent=2, default=str))
     return record
+
+
+def run_plots(out: Path) -> list[Path]:
+    """Redraw moe-analyze's figures of every ``out/runs/<name>/`` (load per domain, load heatmap, repeat rates)
+    from its ``metrics.json``, as ``analyse_run`` drew them: git keeps the numbers, not the 3 MB of pictures."""
+    from moe_variants.analysis import paper_layers, plot_load_heatmap, plot_load_per_domain, plot_repeat_rates
+
+    done = []
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        layers, domains, rdir = m["layers"], m["domains"], path.parent
+        view = paper_layers(len(layers))  # the layers analyse_run shows
+        plot_load_per_domain({i: [layers[i]["expert_load_per_domain"][d] for d in domains] for i in view}, domains,
+                             rdir / "load_per_domain.png")
+        plot_load_heatmap([p["expert_load"] for p in layers], rdir / "load_heatmap.png")
+        plot_repeat_rates({k: {d: [p[f"repeat_{k}_per_domain"][d] for p in layers] for d in domains}
+                           for k in ("first", "any")}, m["baselines"], rdir / "repeat_rates.png")
+        done.append(rdir)
+    return done
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
@@ -204,11 +237,19 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         analysed = [r["layers"] for r in rs if r.get("layers")]
         if analysed:
             n_layers = min(len(x) for x in analysed)
-            for m in LAYER_METRICS:
-                agg["layers"][m] = [stat([x[i][m] for x in analysed]) for i in range(n_layers)]
-                agg["layer_mean"][m] = stat([statistics.fmean(p[m] for p in x[:n_layers]) for x in analysed])
+            for m in [*LAYER_METRICS, *(k + RANDOM for k in LAYER_METRICS)]:
+                if not any(m in p for x in analysed for p in x):
+                    continue  # saved before this metric existed
+                agg["layers"][m] = [stat([x[i].get(m) for x in analysed]) for i in range(n_layers)]
+                agg["layer_mean"][m] = stat([layer_mean(x[:n_layers], m) for x in analysed])
         arms[arm] = agg
     return arms
+
+
+def layer_mean(layers: list[dict[str, Any]], metric: str) -> float | None:
+    """The mean of a metric over layers; None when a layer lacks it (a run.json saved before it existed)."""
+    values = [p.get(metric) for p in layers]
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
 
 
 def curves(histories: list[dict[str, Any]]) -> tuple[dict[int, Stat], list[tuple[int, float]]]:
@@ -231,7 +272,9 @@ def write_csvs(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], o
     cols = ["arm", "n_seeds", "seeds", "val_loss_mean", "val_loss_std"]
     cols += [f"val_loss_{d}_{s}" for d in domains for s in ("mean", "std")]
     cols += ["tokens_per_s_mean", "tokens_per_s_std"]
-    cols += [f"{m}_layer_mean_{s}" for m in LAYER_METRICS for s in ("mean", "std")]
+    metrics = [m for m in [*LAYER_METRICS, *(k + RANDOM for k in LAYER_METRICS)]
+               if any(m in a["layer_mean"] for a in arms.values())]
+    cols += [f"{m}_layer_mean_{s}" for m in metrics for s in ("mean", "std")]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -241,18 +284,18 @@ def write_csvs(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], o
                 s = a["val_loss_per_domain"].get(d, Stat([]))
                 row += [s.mean, s.std]
             row += [a["tokens_per_s"].mean, a["tokens_per_s"].std]
-            for m in LAYER_METRICS:
+            for m in metrics:
                 s = a["layer_mean"].get(m, Stat([]))
                 row += [s.mean, s.std]
             w.writerow(row)
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", "steps", "train_tokens", "val_loss", *[f"val_loss_{d}" for d in domains],
-                    "tokens_per_s", *[f"{m}_layer_mean" for m in LAYER_METRICS]])
+                    "tokens_per_s", *[f"{m}_layer_mean" for m in metrics]])
         for r in records:
             rep = r["report"]
-            layer_means = [statistics.fmean(p[m] for p in r["layers"]) if r.get("layers") else ""
-                           for m in LAYER_METRICS]
+            layer_means = [layer_mean(r["layers"], m) if r.get("layers") else "" for m in metrics]
+            layer_means = ["" if v is None else v for v in layer_means]
             w.writerow([r["arm"], r["seed"], rep.get("steps"), rep.get("train_tokens"), rep.get("val_loss"),
                         *[rep.get("val_loss_per_domain", {}).get(d, "") for d in domains], rep.get("tokens_per_s"),
                         *layer_means])
@@ -314,25 +357,34 @@ def plot(arms: dict[str, dict[str, Any]], out: Path) -> list[str]:
 
     def lines(ax: Any, metric: str) -> None:
         for arm, a in with_layers.items():
+            if metric not in a["layers"]:
+                continue
             stats = a["layers"][metric]
-            ax.errorbar(range(len(stats)), [s.mean for s in stats], yerr=[err(s) for s in stats], marker="o",
-                        capsize=2, label=arm)
+            line = ax.errorbar(range(len(stats)), [s.mean for s in stats], yerr=[err(s) for s in stats], marker="o",
+                               capsize=2, label=arm)
+            floor = a["layers"].get(metric + RANDOM)
+            if floor:  # the same statistic for random routing of the same tokens, in the arm's colour
+                ax.plot(range(len(floor)), [s.mean for s in floor], ls="--", lw=1, color=line.lines[0].get_color())
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(LAYER_METRICS[metric])
+        ax.set_title(LAYER_METRICS[metric], fontsize=9)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines(ax, "token_id_predictability")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy of the best token id -> first expert table")
+    if any("token_id_predictability" + RANDOM in a["layers"] for a in with_layers.values()):
+        ax.set_xlabel("layer (dashed: uniformly random routing of the same tokens)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "token_id_predictability.png", dpi=120)
     plt.close(fig)
     written.append("token_id_predictability.png")
 
-    fig, axes = plt.subplots(1, len(LAYER_METRICS), figsize=(4.2 * len(LAYER_METRICS), 4))
-    for ax, metric in zip(axes, LAYER_METRICS):
+    shown = [m for m in LAYER_METRICS if any(m in a["layers"] for a in with_layers.values())]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4), squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, shown):
         lines(ax, metric)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -340,6 +392,32 @@ def plot(arms: dict[str, dict[str, Any]], out: Path) -> list[str]:
     plt.close(fig)
     written.append("routing_per_layer.png")
     return written
+
+
+BASELINED = ("token_id_predictability", "token_id_predictability_heldout_by_doc", "vocabulary_specialization")
+# ^ statistics shown beside their floor: their value for uniformly random routing of the same tokens
+FLOOR_NA = "n/a"
+NA_NOTE = (f"{FLOOR_NA}: these runs' saved run.json files predate the random-routing floor (the statistic for "
+           "uniformly random routing of the same tokens), so it is not shown; running this script on the "
+           "checkpoints (without `--report-only`) computes it. That floor is well above 1/E for in-sample "
+           "predictability and specialisation.")
+PARITY_NOTE = ("These runs were analysed when the held-out split was by window: the table was fitted on the even "
+               "analysis windows and scored on the odd ones. Windows are cut from one stream of documents, so long "
+               "documents sit in both halves: that number is not held out (on this study's analysis windows a "
+               "router that reads no token, expert = document id mod 8, scores 0.21 that way and 0.09-0.10 held "
+               "out by document, where it cannot beat chance, 1/8). Running this script on the checkpoints "
+               "(without `--report-only`) splits by document.")
+
+
+def floors_missing(arms: dict[str, dict[str, Any]]) -> bool:
+    """Whether some arm has a statistic of BASELINED without its random-routing floor (old run.json files)."""
+    return any(m in a["layer_mean"] and m + RANDOM not in a["layer_mean"] for a in arms.values() for m in BASELINED)
+
+
+def floor_text(a: dict[str, Any], metric: str) -> str:
+    """An arm's mean over layers of ``metric`` for random routing of the same tokens, or n/a."""
+    s = a["layer_mean"].get(metric + RANDOM)
+    return s.text() if s is not None else FLOOR_NA
 
 
 def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], study: str, missing: list[str],
@@ -404,14 +482,25 @@ def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], 
     L += ["## The questions", ""]
     L += ["**1. Is learned routing close to token-id routing?** Token-id predictability is the accuracy of the best "
           "token id -> first-choice expert table on the analysis tokens (in-sample, so an upper bound; 1.0 = the "
-          "router is a function of the token id, as every hash arm is by construction; chance is about 1/E plus a "
-          "small-count bias). The held-out version fits the table on half of the analysis windows and scores it on "
-          "the other half (ids unseen in the fitting half count against it, so even a hash router scores below 1)."]
+          "router is a function of the token id, as every hash arm is by construction). Its floor is not 1/E: "
+          "routing that ignores the token id scores well above 1/E in-sample, because every id seen once is "
+          "predicted perfectly, so each number is read against the same statistic for uniformly random routing of "
+          "the same tokens (`random`). The held-out version fits the table on half of the analysed documents and "
+          "scores it on the other half (ids unseen in the fitting half count against it, so even a hash router "
+          "scores below 1)."]
     if ref is not None and ref["layers"]:
         tip = ref["layers"]["token_id_predictability"]
+        by_doc = "token_id_predictability_heldout_by_doc"
+        held = (f"held out by document: {ref['layer_mean'][by_doc].text()}, random: {floor_text(ref, by_doc)}"
+                if by_doc in ref["layer_mean"] else "even vs odd windows, not held out: "
+                + ref["layer_mean"]["token_id_predictability_heldout"].text())
         L.append(f"`{REFERENCE}`: {ref['layer_mean']['token_id_predictability'].text()} averaged over layers "
-                 f"(held out: {ref['layer_mean']['token_id_predictability_heldout'].text()}); per layer "
-                 + ", ".join(f"L{i} {s.text(2)}" for i, s in enumerate(tip)) + ".")
+                 f"(random routing of the same tokens: {floor_text(ref, 'token_id_predictability')}; {held}); "
+                 "per layer " + ", ".join(f"L{i} {s.text(2)}" for i, s in enumerate(tip)) + ".")
+        if by_doc not in ref["layer_mean"]:
+            L.append(PARITY_NOTE)
+        if floors_missing(arms):
+            L.append(NA_NOTE)
     if distilled:
         fits = [statistics.fmean(d["table_matches_router_per_layer"]) for d in distilled.values()]
         L.append(f"The distilled tables reproduce {100 * statistics.fmean(fits):.1f}% of the top-2 routers' (token, "
@@ -429,13 +518,21 @@ def report_text(records: list[dict[str, Any]], arms: dict[str, dict[str, Any]], 
     with_layers = {arm: a for arm, a in arms.items() if a["layers"]}
     if with_layers:
         L += ["## Routing per layer (validation windows of every domain; mean ± std over seeds)", ""]
+        if floors_missing(with_layers):
+            L += [NA_NOTE, ""]
         n_layers = max(len(a["layers"]["token_id_predictability"]) for a in with_layers.values())
         for m, label in LAYER_METRICS.items():
+            if not any(m in a["layers"] for a in with_layers.values()):
+                continue
             L += [f"**{label}**", "", "| arm | mean over layers | " + " | ".join(f"L{i}" for i in range(n_layers))
                   + " |", "|---|---|" + "---|" * n_layers]
             for arm, a in with_layers.items():
-                cells = [s.text(3) for s in a["layers"][m]] + ["-"] * (n_layers - len(a["layers"][m]))
-                L.append(f"| {arm} | {a['layer_mean'][m].text(3)} | " + " | ".join(cells) + " |")
+                for name, key in [(arm, m)] + ([(f"{arm}, random routing", m + RANDOM)] if m in BASELINED else []):
+                    if key not in a["layers"]:
+                        L.append(f"| {name} | {FLOOR_NA} |" + f" {FLOOR_NA} |" * n_layers)
+                        continue
+                    cells = [s.text(3) for s in a["layers"][key]] + ["-"] * (n_layers - len(a["layers"][key]))
+                    L.append(f"| {name} | {a['layer_mean'][key].text(3)} | " + " | ".join(cells) + " |")
             L.append("")
         base = next((r["baselines"] for r in records if r.get("baselines")), None)
         if base:
@@ -454,13 +551,14 @@ def study_commands(study: str, root: Path, out: Path) -> list[str]:
     return [
         "# all runs, distillation and this report (skips finished runs, resumes unfinished ones)",
         f"python experiments/router_study/sweep.py --study {study}",
-        "# or step by step:",
-        *[f"moe-train -m +study={study} arm={a} seed=0,1,2 ckpt_path=last" for a in ARMS[:-1]],
+        "# or step by step (the study's configs are in experiments/router_study/conf/, not in moe-train's conf/):",
+        f"STUDY=('hydra.searchpath=[file://experiments/router_study/conf]' +study={study})",
+        *[f'moe-train -m "${{STUDY[@]}}" arm={a} seed=0,1,2 ckpt_path=last' for a in ARMS[:-1]],
         f"python experiments/router_study/distill_hash.py --study {study} --seeds 0,1,2",
-        f"moe-train -m +study={study} arm=hash_distilled seed=0,1,2 ckpt_path=last",
+        'moe-train -m "${STUDY[@]}" arm=hash_distilled seed=0,1,2 ckpt_path=last',
         f"python experiments/router_study/analyze.py --study {study} --study-root {rel(root)} --out {rel(out)}",
-        "# regenerate this report from the results folder alone (no checkpoints needed):",
-        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only",
+        "# regenerate this report (and each run's figures) from the results folder alone (no checkpoints needed):",
+        f"python experiments/router_study/analyze.py --study {study} --out {rel(out)} --report-only --run-plots",
     ]
 
 
@@ -481,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-root", type=Path, help="the runs (default: the study config's study_root)")
     p.add_argument("--out", type=Path, help="default: results/<study>")
     p.add_argument("--report-only", action="store_true", help="regenerate from <out>/runs/*/run.json alone")
+    p.add_argument("--run-plots", action="store_true",
+                   help="also redraw each run's moe-analyze figures from its metrics.json (they are not kept in git)")
     p.add_argument("--sequences-per-domain", type=int, default=32, help="validation windows per domain analysed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -506,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in sorted((root / "distilled_hash").glob("*.pt.json")):
             (out / "distilled_hash").mkdir(parents=True, exist_ok=True)
             shutil.copy(f, out / "distilled_hash" / f.name)
-        (out / "missing.json").write_text(json.dumps(missing))
+        if missing:  # kept only while some runs are missing, so that --report-only can name them
+            (out / "missing.json").write_text(json.dumps(missing))
+        else:
+            (out / "missing.json").unlink(missing_ok=True)
     elif (out / "missing.json").is_file():
         missing = json.loads((out / "missing.json").read_text())
     records = load_records(out)
@@ -516,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     distilled = {f.name: json.loads(f.read_text()) for f in sorted((out / "distilled_hash").glob("*.pt.json"))}
     write_report(records, out, a.study, root, missing, distilled)
     print(f"wrote {out}/report.md ({len(records)} runs)")
+    if a.run_plots:
+        print(f"redrew the figures of {len(run_plots(out))} runs under {out}/runs/")
     return 0
 
 

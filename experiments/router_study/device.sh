@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The router study on a GPU machine that cannot reach the network (the device machine), in calls of <= 10 min.
+# The router study on a GPU machine without network access, in commands of at most 10 minutes each (the sweep runs
+# detached; the machine must stay up between commands).
 #
-#   bash experiments/router_study/device.sh prep             # HERE, on the CPU machine, once: wheels + data to carry
+#   bash experiments/router_study/device.sh prep             # HERE, with network access, once: wheels + data to copy
 #   bash experiments/router_study/device.sh setup            # THERE: install the wheels, unpack the data (idempotent)
 #   SWEEP_ARGS="..." bash experiments/router_study/device.sh start [TAG] [SECS]
 #                                                            # THERE: setup, start a sweep detached, wait SECS (0: return)
-#   bash experiments/router_study/device.sh wait [SECS]      # THERE, next calls: wait for the sweeps, collect results
+#   bash experiments/router_study/device.sh wait [SECS]      # THERE, again: wait for the sweeps, collect results
 #   setsid nohup bash experiments/router_study/device.sh analyze-loop &   # THERE: analyse runs as they finish
 #
 # Several sweeps can run at once on disjoint arms and GPUs (e.g. one on GPU 1 while GPU 0 runs a benchmark):
 #   SWEEP_ARGS="--arms topk,hash_distilled --gpu-ids 1 --parallel 3 --no-analyze" device.sh start g1 0
-# `start` and `wait` end by packing what exists so far into $OUT/router_study.tgz (results/router_study, every
-# run's report.json, logs, configs and offline W&B run, the distilled tables' provenance; no checkpoints), so that
-# a lost machine loses no finished numbers. Unpack here with `tar xzf router_study.tgz` and regenerate the report
-# with `python experiments/router_study/analyze.py --study router_study --report-only`.
+# With OUT set to a folder, `start` and `wait` end by packing what exists so far into $OUT/router_study.tgz
+# (results/router_study, every run's report.json, logs, configs and offline W&B run, the distilled tables'
+# provenance; no checkpoints), so that a lost machine loses no finished numbers. Unpack here with
+# `tar xzf router_study.tgz` and regenerate the report with
+# `python experiments/router_study/analyze.py --study router_study --report-only --run-plots`.
 # SWEEP_ARGS default: --parallel 4 --gpus auto. Runs log to offline W&B (wandb is carried); if wandb does not
 # import there, the runs fall back to logger=csv and say so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CARRY=data/router_study_carry.tar.xz   # data/ is git-ignored: both travel only when `carry` names them
+CARRY=data/router_study_carry.tar.xz   # data/ is git-ignored: copy both to the GPU machine's checkout
 WHL=data/router_study_whl
 SWEEP_ARGS=${SWEEP_ARGS:---parallel 4 --gpus auto}
 ROOT=runs/router_study
@@ -36,7 +38,7 @@ wait_for_sweeps() {  # $1: seconds at most
   local until=$((SECONDS + ${1:-540}))
   while [ $SECONDS -lt $until ] && pgrep -f "router_study/sweep.py" >/dev/null; do sleep 10; done
   for log in "$ROOT"/sweep*.log; do echo "== $log"; tail -n 25 "$log" || true; done
-  pgrep -f "router_study/sweep.py" >/dev/null && echo "SWEEP STILL RUNNING: call 'device.sh wait' again now" \
+  pgrep -f "router_study/sweep.py" >/dev/null && echo "SWEEP STILL RUNNING: run 'device.sh wait' again now" \
     || echo "SWEEP FINISHED"
 }
 
@@ -55,8 +57,8 @@ case "${1:-}" in
     mkdir -p "$WHL"
     py=.venv/bin/python
     pin() { for p in "$@"; do echo "$p==$($py -m pip show "$p" | awk '/^Version:/{print $2}')"; done; }
-    # what the device image lacks (KINDS.md lists its packages): Hydra, OmegaConf, datasets, W&B and their needs,
-    # at the versions installed here
+    # what the GPU machine's Python lacked (it had torch, lightning, tokenizers): Hydra, OmegaConf, datasets, W&B
+    # and their needs, at the versions installed here
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHL" \
       $(pin hydra-core omegaconf datasets dill multiprocess wandb cwevals opentelemetry-api opentelemetry-sdk \
@@ -79,7 +81,7 @@ case "${1:-}" in
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=offline
     logger=()
     python3 -c 'import wandb' 2>/dev/null || { echo "WANDB DOES NOT IMPORT HERE: runs log with logger=csv"; logger=(logger=csv); }
-    # detached (setsid): it outlives this call while the machine stays held
+    # detached (setsid): it outlives this command while the machine stays up
     # shellcheck disable=SC2086
     setsid nohup python3 experiments/router_study/sweep.py --study router_study $SWEEP_ARGS -- "${logger[@]}" \
       > "$ROOT/sweep-$tag.log" 2>&1 < /dev/null &
@@ -103,7 +105,7 @@ case "${1:-}" in
     collect
     ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac

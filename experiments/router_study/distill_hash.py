@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import OnDevice, datamodule_for, distilled_table_path, pick_device, study_root  # noqa: E402
 
 from moe_variants.analysis import best_token_expert_table  # noqa: E402
-from moe_variants.data.datamodule import Collate  # noqa: E402
 from moe_variants.training.build import load_model  # noqa: E402
 from moe_variants.training.checkpoint import read_checkpoint, save_atomic  # noqa: E402
 
@@ -44,11 +44,11 @@ def distill(ckpt: Path, out: Path, windows: int = 2048, batch_size: int = 16, de
     train = dm.train_windows
     n = min(windows, len(train))
     index = torch.linspace(0, len(train) - 1, n).round().long().unique().tolist()  # evenly over the whole split
-    collate, runner = Collate(dm.word_start_table), OnDevice(model, pick_device(device))
+    runner = OnDevice(model, pick_device(device))
     token_ids, experts = [], [[] for _ in model.layers]
     for i in range(0, len(index), batch_size):
-        batch = collate([train[j] for j in index[i:i + batch_size]])
-        routing = runner(batch["input_ids"], span_start=batch["span_start"]).routing
+        batch = default_collate([train[j] for j in index[i:i + batch_size]])
+        routing = runner(batch["input_ids"]).routing
         token_ids.append(batch["input_ids"])
         for layer, r in enumerate(routing):
             experts[layer].append(r.expert_ids)

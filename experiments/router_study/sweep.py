@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _study import ARMS, distilled_table_path, study_config  # noqa: E402
+from _study import ARMS, distilled_table_path, study_config, study_overrides  # noqa: E402
 
 
 @dataclass
@@ -60,16 +60,19 @@ def prepare(study: str, overrides: list[str]) -> None:
     only read the caches."""
     from hydra.utils import instantiate
 
+    from moe_variants.routers.spans import SpanDef
     from moe_variants.training.build import make_resources
 
-    cfg = study_config(study, ["arm=span_vocab", *overrides])
+    cfg = study_config(study, overrides)
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     res = make_resources(dm)
     res.token_counts()
-    r = cfg.router
-    res.routing_vocab(int(r.vocab_size), int(r.num_buckets), int(r.max_span_len))
+    for arm, unit in (("span_first_piece", "first_piece"), ("span_prefix", "prefix")):
+        r = study_config(study, [f"arm={arm}", *overrides]).router
+        span = SpanDef(str(r.spans), int(r.span_len))
+        res.routing_vocab(unit, int(r.vocab_size), int(r.get("max_span_len", 1)), span)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if j.kind == "distill":
             return [sys.executable, str(HERE / "distill_hash.py"), "--ckpt", str(root / f"topk-s{j.seed}"), "--out",
                     str(distilled_table_path(root, j.seed)), "--windows", str(a.distill_windows), *data_args]
-        return [sys.executable, "-m", "moe_variants.training.run", f"+study={a.study}", f"arm={j.arm}",
-                f"seed={j.seed}", "ckpt_path=last", *overrides]
+        return [sys.executable, "-m", "moe_variants.training.run",
+                *study_overrides(a.study, [f"arm={j.arm}", f"seed={j.seed}", "ckpt_path=last", *overrides])]
 
     running: dict[int, tuple[subprocess.Popen, Job, float]] = {}
     failed: list[str] = []

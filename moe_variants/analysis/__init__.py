@@ -5,20 +5,28 @@ live by a training callback and offline), figures (``plots``, matplotlib importe
 (``token_view``) and the ``moe-analyze`` app (``analyze``). Conventions (shapes, masks, document boundaries,
 normalisations) are in :mod:`moe_variants.analysis.metrics`.
 
-May import: torch, numpy, matplotlib; ``analyze`` alone also imports ``model``, ``data`` and
-``training.checkpoint`` (to load checkpoints), Hydra and W&B. ``metrics`` imports nothing of the project.
+May import: torch, numpy, matplotlib; ``analyze`` alone also imports ``model``, ``data``,
+``training.checkpoint`` (to load checkpoints), ``routers`` (the word-span definition, Mixtral's gate for HF
+checkpoints), Hydra and W&B. ``metrics`` imports nothing of the project.
 """
 
 from moe_variants.analysis.metrics import (
     best_token_expert_table,
     consecutive_repeat_rates,
+    document_halves,
+    document_ids,
     domain_specialization,
     expert_coactivation,
     expert_load,
     expert_load_per_domain,
+    heldout_token_id_predictability,
     load_balance_stats,
+    middle_layer,
+    paper_layers,
     per_layer,
     random_repeat_baselines,
+    random_routing,
+    random_routing_baseline,
     repeat_rates_per_domain,
     router_entropy,
     router_saturation,
@@ -33,16 +41,23 @@ from moe_variants.analysis.token_view import token_html, token_html_page
 __all__ = [
     "best_token_expert_table",
     "consecutive_repeat_rates",
+    "document_halves",
+    "document_ids",
     "domain_specialization",
     "expert_coactivation",
     "expert_load",
     "expert_load_per_domain",
+    "heldout_token_id_predictability",
     "load_balance_stats",
+    "middle_layer",
+    "paper_layers",
     "per_layer",
     "plot_load_heatmap",
     "plot_load_per_domain",
     "plot_repeat_rates",
     "random_repeat_baselines",
+    "random_routing",
+    "random_routing_baseline",
     "repeat_rates_per_domain",
     "router_entropy",
     "router_saturation",

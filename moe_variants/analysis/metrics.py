@@ -383,8 +383,12 @@ def vocabulary_specialization(
 ) -> float:
     """OLMoE Eq. 8 summary: mean over token ids (with >= min_count occurrences) of max_e VocabSpec(e, x).
 
-    1.0 means every token id always goes to one expert (a hash router); about 1/E (plus small-sample bias)
-    for random first-choice routing. See :func:`vocabulary_specialization_per_token` for the table.
+    1.0 means every token id always goes to one expert (a hash router). Random routing does not give 1/E: an id
+    seen n times has its largest share of n random draws, so the floor depends on the token counts (uniform
+    random routing over the embedded corpus's validation text, Mixtral tokenizer, E = 8: 0.24 with
+    ``min_count=10``, at 32k tokens as at 205k). Read it against
+    :func:`random_routing_baseline` on the same tokens. See :func:`vocabulary_specialization_per_token` for the
+    table.
     """
     _, table = vocabulary_specialization_per_token(expert_ids, token_ids, num_experts, mask, min_count, choice)
     return float(table.double().max(-1).values.mean()) if table.shape[0] else math.nan
@@ -448,9 +452,15 @@ def token_id_predictability(
     """Accuracy of the best token-id -> first-expert table, i.e. how much of the routing a hash router explains.
 
     The table maps each token id to its most frequent first-choice expert (ties -> lower expert id). Without
-    ``held_out`` it is fitted and scored on the same tokens (an upper bound: 1.0 for a hash router, about 1/E
-    plus small-count bias for random routing). With ``held_out = (expert_ids, token_ids[, mask])`` it is fitted
-    on the first set and scored on the second; unseen token ids get the globally most frequent first expert.
+    ``held_out`` it is fitted and scored on the same tokens: an upper bound, 1.0 for a hash router, and far
+    above 1/E for routing that ignores the token id, because every id seen once is "predicted" perfectly and
+    real text is Zipf-distributed (uniform random routing, E = 8, over the embedded corpus's validation text
+    with the Mixtral tokenizer: 0.28 at 32k tokens, 0.21 at 205k). Read it against
+    :func:`random_routing_baseline` on the same tokens, or held out:
+    with ``held_out = (expert_ids, token_ids[, mask])`` it is fitted on the first set and scored on the second;
+    unseen token ids get the globally most frequent first expert. Split the two sets by document
+    (:func:`heldout_token_id_predictability`), never by window: a document cut into several windows would sit
+    in both.
     """
     ids = _routing(expert_ids)
     uniq, counts, _ = _token_expert_counts(ids, token_ids, mask, slice(0, 1), None)
@@ -468,6 +478,77 @@ def token_id_predictability(
     seen = uniq[pos] == h_tok
     pred = torch.where(seen, best[pos], fallback)
     return _ratio((pred == target).sum(), target.numel())
+
+
+def document_ids(doc_start: torch.Tensor) -> torch.Tensor:
+    """(N, S) int64 index of the document of every token: documents are counted in reading order over the rows,
+    which continue each other (consecutive windows cut from one packed stream, as the analysis loaders give them).
+    Tokens before the first ``doc_start`` belong to document 0."""
+    ds = _t(doc_start).to(dtype=torch.bool)
+    if ds.dim() != 2:
+        raise ValueError(f"doc_start must be (N, S), got shape {tuple(ds.shape)}")
+    ids = ds.flatten().long().cumsum(0).view_as(ds)
+    return (ids - int(ds.flatten()[0]) if ds.numel() else ids).clamp(min=0)
+
+
+def document_halves(doc_start: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (N, S) bool masks that split the tokens by document: each document goes, whole, to one half at random
+    (seeded; not by parity, which a router keyed on document ids would align with)."""
+    docs = document_ids(doc_start)
+    n_docs = int(docs.max()) + 1 if docs.numel() else 0
+    g = torch.Generator().manual_seed(seed)
+    first = (torch.rand(n_docs, generator=g) < 0.5).to(docs.device)[docs]
+    return first, ~first
+
+
+def heldout_token_id_predictability(
+    expert_ids: torch.Tensor, token_ids: torch.Tensor, doc_start: torch.Tensor, mask: torch.Tensor | None = None,
+    seed: int = 0,
+) -> float:
+    """:func:`token_id_predictability` fitted on one half of the documents and scored on the other
+    (:func:`document_halves`): how well a fixed token-id table predicts the router on text it was not fitted on.
+    Ids unseen in the fitting half get the most used expert, so even a hash router scores a little below 1."""
+    ids = _routing(expert_ids)
+    valid = _valid(mask, ids)
+    fit, score = document_halves(_t(doc_start).to(ids.device), seed)
+    return token_id_predictability(ids, token_ids, mask=fit & valid, held_out=(ids, token_ids, score & valid))
+
+
+def random_routing(shape: Sequence[int], num_experts: int, top_k: int, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """(*shape, K) int64: K distinct experts per token, uniformly at random, independently per token."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    return torch.rand(*shape, num_experts, generator=generator).argsort(-1)[..., :top_k]
+
+
+def random_routing_baseline(
+    metric: Callable[[torch.Tensor], float], shape: Sequence[int], num_experts: int, top_k: int, draws: int = 4,
+    seed: int = 0,
+) -> float:
+    """The value ``metric(expert_ids)`` takes when routing carries no information: its mean over ``draws``
+    uniformly random routings (:func:`random_routing`) of the analysed tokens' ``shape``.
+
+    A metric's floor depends on the tokens, not only on E: in-sample token-id predictability and vocabulary
+    specialisation of random routing are far above 1/E on Zipf-distributed text. Example, on the same tokens as
+    the router's number: ``random_routing_baseline(lambda e: token_id_predictability(e, token_ids),
+    token_ids.shape, E, K)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return sum(float(metric(random_routing(shape, num_experts, top_k, g))) for _ in range(draws)) / draws
+
+
+def middle_layer(n_layers: int) -> int:
+    """The middle layer the Mixtral paper shows: (n_layers - 1) // 2, i.e. 15 of 32 (its Table 5 and Figure 7 use
+    layers 0, 15 and 31)."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    return (n_layers - 1) // 2
+
+
+def paper_layers(n_layers: int) -> list[int]:
+    """The first, middle (:func:`middle_layer`) and last layer, as the Mixtral paper's figures show them."""
+    return sorted({0, middle_layer(n_layers), n_layers - 1})
 
 
 # ------------------------------------------------------------------------------------------ span coherence

@@ -335,8 +335,26 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+SUBCOMMANDS = {  # `moe-data <sub> ...`: the large shard corpus and its transport
+    "large": "moe_variants.data.large",
+    "pack": "moe_variants.data.transport",
+    "unpack": "moe_variants.data.transport",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moe-data", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return module.main(argv[1:]) if argv[0] == "large" else module.main(argv)
+    p = argparse.ArgumentParser(
+        prog="moe-data",
+        description=__doc__.split("\n\n")[0],
+        epilog="Subcommands: `moe-data large --help` (the large tokenized shard corpus), `moe-data pack --help` / "
+        "`moe-data unpack --help` (move shards as checksummed pieces).",
+    )
     p.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {','.join(DOMAINS)}")
     p.add_argument("--max-bytes-per-domain", type=lambda s: int(float(s)), default=DEFAULT_MAX_BYTES)
     p.add_argument("--out", default=None, help="output directory (default $MOE_DATA_ROOT/corpus)")

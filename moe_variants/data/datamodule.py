@@ -4,18 +4,19 @@ A batch is a dict of (B, S) tensors:
 
 * ``input_ids`` int64, ``labels`` int64 (the next token of each position),
 * ``domain_ids`` int64 (index into ``dm.domains``, a sorted list of names, of the document the token belongs to),
-* ``span_start`` bool (:func:`moe_variants.routers.spans.word_starts` with the tokenizer's word-start table),
 * ``doc_start`` bool (the token is the BOS that opens a document).
 
 Every document gets a BOS in front; documents are concatenated in a fixed shuffled order and cut into windows
-of ``seq_len + 1`` tokens. Training draws ``max_steps * batch_size * accumulate_grad_batches`` windows from one
-stream of per-epoch permutations seeded by ``seed``; when the trainer resumes at ``global_step > 0`` the stream
-continues where it stopped. Validation has one loader per domain (the first windows of its validation split).
+of ``seq_len + 1`` tokens. Training reads one endless stream of per-epoch permutations seeded by ``seed`` (the
+trainer stops it at ``max_steps``); the stream's position is part of every checkpoint (the data module's
+``state_dict``), so a resumed run reads exactly the windows the uninterrupted run would have read, whatever step it
+stopped at. Validation has one loader per domain (the first windows of its validation split).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -30,8 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from moe_variants import paths
-from moe_variants.data.tokenizer import bos_id, load_tokenizer, tokenizer_fingerprint, word_start_table_for
-from moe_variants.routers.spans import word_starts
+from moe_variants.data.tokenizer import bos_id, load_tokenizer, special_token_ids, tokenizer_fingerprint, vocab_pieces
 
 PACK_SEED = 20240229  # the document order used for packing: fixed, so every seed trains on the same windows
 _TOKENIZE_VERSION = "v1"  # bump when the tokenisation output format changes (invalidates datasets' cache)
@@ -60,30 +60,23 @@ class PackedWindows(Dataset):
         }
 
 
-class Collate:
-    """Stack window dicts and add ``span_start`` from the tokenizer's word-start table (picklable for workers)."""
-
-    def __init__(self, word_start_table: torch.Tensor) -> None:
-        self.table = word_start_table
-
-    def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        batch["span_start"] = word_starts(batch["input_ids"], self.table)
-        return batch
-
-
 class ResumableSampler(DistributedSampler):
-    """Indices of a deterministic stream of per-epoch permutations, from stream position ``start`` to ``total``.
+    """Indices of a deterministic stream of per-epoch permutations, from stream position ``start`` to ``total``
+    (``None``: endless, and then the sampler has no length).
 
     Position p of the stream is ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a permutation of the n
-    items seeded by ``(seed, e)``. With ``world_size`` ranks, rank r reads positions ``r, r + W, r + 2W, ...`` so
-    one optimizer step of all ranks consumes a contiguous block of the stream. It subclasses
+    items seeded by ``(seed, e)``. With ``world_size`` ranks, rank r reads positions ``start + r, start + r + W,
+    ...`` so one optimizer step of all ranks consumes a contiguous block of the stream. It subclasses
     ``DistributedSampler`` only so that Lightning does not wrap it again under DDP; ``set_epoch`` is a no-op
     (the epoch is part of the stream position).
+
+    Training uses the endless form: a loader without a length is one Lightning "epoch" that only ``max_steps``
+    ends, so Lightning's restored batch counters can never cut it short or start it over on resume (with a
+    length, a run resumed before its halfway point ended that "epoch" early and replayed batches).
     """
 
     def __init__(
-        self, num_items: int, total: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+        self, num_items: int, total: int | None, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
     ) -> None:  # no super().__init__: it needs torch.distributed initialised
         if num_items <= 0:
             raise ValueError("ResumableSampler needs at least one item")
@@ -96,8 +89,10 @@ class ResumableSampler(DistributedSampler):
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
         return self._perm[1]
 
-    def _positions(self) -> range:
-        return range(self.start + self.rank, self.total, self.num_replicas)
+    def _positions(self) -> Iterator[int]:
+        first = self.start + self.rank
+        return itertools.count(first, self.num_replicas) if self.total is None else iter(
+            range(first, self.total, self.num_replicas))
 
     def __iter__(self) -> Iterator[int]:
         for p in self._positions():
@@ -105,7 +100,9 @@ class ResumableSampler(DistributedSampler):
             yield int(self.permutation(e)[i])
 
     def __len__(self) -> int:
-        return len(self._positions())
+        if self.total is None:
+            raise TypeError("an endless ResumableSampler has no length")  # Lightning reads: an unsized loader
+        return len(range(self.start + self.rank, self.total, self.num_replicas))
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -156,6 +153,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.requested_domains = sorted(domains) if domains else None
         self.train_windows: PackedWindows | None = None
         self.val_windows: list[PackedWindows] = []
+        self.resume_position: int | None = None  # training stream position loaded from a checkpoint
 
     # ------------------------------------------------------------ raw data (overridden by TextFilesDataModule)
 
@@ -216,8 +214,13 @@ class CorpusDataModule(pl.LightningDataModule):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @cached_property
-    def word_start_table(self) -> torch.Tensor:
-        return word_start_table_for(self.tokenizer)
+    def vocab_pieces(self) -> list[str]:
+        """Every id's piece in SentencePiece notation (routers read word spans from it)."""
+        return vocab_pieces(self.tokenizer)
+
+    @cached_property
+    def special_token_ids(self) -> list[int]:
+        return special_token_ids(self.tokenizer)
 
     @cached_property
     def tokenizer_fingerprint(self) -> str:
@@ -367,19 +370,46 @@ class CorpusDataModule(pl.LightningDataModule):
             yield torch.from_numpy(tokens[i : i + windows_per_chunk].astype(np.int64))
 
     def train_sampler(self) -> ResumableSampler:
-        """The training stream, starting where the attached trainer (if any) stopped."""
+        """The training stream: endless under a trainer (it stops at ``max_steps``), from the position loaded from
+        the checkpoint (:meth:`load_state_dict`) or, for a checkpoint without one, ``global_step`` steps in; one
+        pass over the windows without a trainer."""
         assert self.train_windows is not None, "call setup() first"
         trainer = getattr(self, "trainer", None)
-        accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-        step = int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else 0
-        max_steps = int(getattr(trainer, "max_steps", -1) or -1) if trainer is not None else -1
-        per_step = self.batch_size * accum * world
-        total = max_steps * per_step if max_steps > 0 else len(self.train_windows)
-        return ResumableSampler(
-            len(self.train_windows), total, seed=self.seed, start=step * per_step, rank=rank, world_size=world
-        )
+        if trainer is None:
+            return ResumableSampler(len(self.train_windows), len(self.train_windows), seed=self.seed)
+        if int(getattr(trainer, "max_steps", -1) or -1) <= 0:
+            raise ValueError(f"{type(self).__name__} trains by steps: set trainer.max_steps (> 0)")
+        start = self.resume_position
+        if start is None:
+            start = int(getattr(trainer, "global_step", 0) or 0) * self.samples_per_step()
+        world, rank = int(getattr(trainer, "world_size", 1) or 1), int(getattr(trainer, "global_rank", 0) or 0)
+        return ResumableSampler(len(self.train_windows), None, seed=self.seed, start=start, rank=rank, world_size=world)
+
+    def samples_per_step(self) -> int:
+        """Training windows one optimizer step reads over all ranks: batch_size x accumulate_grad_batches x world."""
+        trainer = getattr(self, "trainer", None)
+        accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        return self.batch_size * accum * world
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning stores a data module's state): the training stream position, i.e.
+        the windows read by the optimizer steps done so far (checkpoints are written after an optimizer step)."""
+        trainer = getattr(self, "trainer", None)
+        step = int(getattr(trainer, "global_step", 0) or 0)
+        return {"train_position": step * self.samples_per_step(), "global_step": step,
+                "samples_per_step": self.samples_per_step(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the training stream position (called by Lightning before the train loader is built)."""
+        self.resume_position = int(state["train_position"])
+        saved, now = state.get("samples_per_step"), self.samples_per_step()
+        if saved is not None and saved != now:  # another world size (batch and accumulation are config checks)
+            warnings.warn(
+                f"resuming at training window {self.resume_position} with {now} windows per optimizer step (the "
+                f"checkpoint's run read {saved}): the stream continues exactly, the global batch is not the same",
+                stacklevel=2,
+            )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_windows is None:
@@ -388,7 +418,6 @@ class CorpusDataModule(pl.LightningDataModule):
             self.train_windows,
             batch_size=self.batch_size,
             sampler=self.train_sampler(),
-            collate_fn=Collate(self.word_start_table),
             num_workers=self.num_workers,
             persistent_workers=False,
         )
@@ -401,7 +430,6 @@ class CorpusDataModule(pl.LightningDataModule):
                 w,
                 batch_size=self.batch_size,
                 shuffle=False,
-                collate_fn=Collate(self.word_start_table),
                 num_workers=self.num_workers,
             )
             for w in self.val_windows

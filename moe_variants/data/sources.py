@@ -1,6 +1,6 @@
 """Text sources for the embedded corpus: one small function per source, each returning a :class:`SourceText`.
 
-Every source is real text shipped in a Debian package or a PyPI distribution (see ENVIRONMENT.md §5); nothing is
+Every source is real text shipped in a Debian package or a PyPI distribution; nothing is
 read from the HF hub. A function raises :class:`SourceMissing` when its input is absent (deb not downloaded,
 wheel not downloadable); the builder then warns and carries on with the other sources.
 """
@@ -207,9 +207,10 @@ _OSIS_BREAK = re.compile(r"<(?:div|chapter)\b[^>]*\beID=[^>]*/>|</title>|<title\
 _OSIS_LINE = re.compile(r"<lb\b[^>]*/>|</l>|<l\b[^>]*eID=[^>]*/>")
 
 
-def world_english_bible(debs: Path) -> SourceText:
-    """World English Bible (with Deuterocanon) from the SWORD zText module of ``sword-text-web``."""
-    deb, src = _deb_source(debs, "sword-text-web", "gutenberg", "public domain")
+def world_english_bible(debs: Path, package: str = "sword-text-web") -> SourceText:
+    """World English Bible (with Deuterocanon) from the SWORD zText module of ``sword-text-web`` (or the zText
+    module of another ``sword-text-*`` package)."""
+    deb, src = _deb_source(debs, package, "gutenberg", "public domain")
     files = dict(deb_files(deb, r"/ztext/[^/]+/(ot|nt)\.bz[sz]$"))
     raw = []
     for testament in ("ot", "nt"):

@@ -16,11 +16,9 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
 from moe_variants import paths
-from moe_variants.routers.spans import word_start_table
 
 SPM_SPACE = "\u2581"  # "▁", SentencePiece's whitespace marker
 MIXTRAL_MODEL = ("mistral_common", "data/tokenizer.model.v1")
@@ -235,8 +233,32 @@ def special_token_ids(tok: Tokenizer) -> list[int]:
     return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
 
-def word_start_table_for(tok: Tokenizer) -> torch.Tensor:
-    """(V,) bool table of :func:`moe_variants.routers.spans.word_start_table` for this tokenizer's vocabulary."""
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's alphabet) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]  # control bytes, space, ...: mapped to U+0100 on
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def _byte_level_piece_in_spm_notation(piece: str, alphabet: dict[str, int]) -> str:
+    if any(c not in alphabet for c in piece):
+        return piece
+    raw = bytes(alphabet[c] for c in piece)
+    try:
+        return raw.decode("utf-8").replace(" ", SPM_SPACE)
+    except UnicodeDecodeError:  # part of a multi-byte character: its bytes, as SentencePiece's byte fallback
+        return "".join(f"<0x{b:02X}>" for b in raw)
+
+
+def vocab_pieces(tok: Tokenizer) -> list[str]:
+    """Every id's piece in SentencePiece notation: ``▁`` for a space, ``<0xNN>`` for a raw byte that is not a whole
+    UTF-8 character, text otherwise. Mixtral's pieces are already written so; a byte-level BPE's printable byte
+    stand-ins (``Ġ`` for a space, ``Ċ`` for a newline, ...) are decoded into it. Word spans are read from these
+    (``moe_variants.routers.spans.piece_kinds``)."""
     V = tok.get_vocab_size(with_added_tokens=True)
     pieces = [tok.id_to_token(i) or "" for i in range(V)]
-    return word_start_table(pieces, special_token_ids(tok))
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        return pieces
+    alphabet, special = _byte_level_alphabet(), set(special_token_ids(tok))
+    return [p if i in special else _byte_level_piece_in_spm_notation(p, alphabet) for i, p in enumerate(pieces)]

@@ -28,6 +28,7 @@ class ModelArgs:
     shared_hidden_dim: int | None = None  # SwiGLU width of each shared expert (None -> hidden_dim)
     capacity_factor: float | None = None  # Switch/GShard token dropping: each expert computes at most
     # ceil(capacity_factor * T * K / E) of a forward's T*K token copies; None = dropless (Mixtral)
+    allow_lookahead: bool = False  # capacity dropping looks ahead (see __post_init__): build it only when allowed
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -65,6 +66,14 @@ class ModelArgs:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(
                 f"capacity_factor must be > 0 (or None for dropless experts), got {self.capacity_factor!r}"
+            )
+        if self.capacity_factor is not None and not self.allow_lookahead:
+            # the capacity is a share of all B*S*K copies of the forward, so whether position t's copy is dropped
+            # depends on how many tokens follow it (a prefix, or cached decoding, drops differently): look-ahead
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor} looks ahead: each expert's capacity is a share of all the "
+                f"forward's token copies, so a position's drop depends on the tokens after it (the audit catches "
+                f"it). Set model.allow_lookahead=true to build it anyway; the run is then labelled non-causal."
             )
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps and rope_theta must be positive")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_variants.model.args import ModelArgs
+from moe_variants.model.routing import RouterFactory
 from moe_variants.model.transformer import Transformer
 
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
@@ -45,7 +46,8 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     )
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2
+                        ) -> dict[str, Any]:
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -69,8 +71,8 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -148,15 +150,26 @@ def load_state_dict_checked(model: Transformer, state: dict[str, torch.Tensor], 
     model.load_state_dict(state)
 
 
-def load_hf(path: str | Path, experts: str = "loop", dtype: torch.dtype | None = None) -> Transformer:
-    """Load an HF Mixtral checkpoint directory into a :class:`Transformer` with Mixtral's top-k routers."""
+def load_hf(
+    path: str | Path, router: RouterFactory, experts: str = "loop", dtype: torch.dtype | None = None
+) -> Transformer:
+    """Load an HF Mixtral checkpoint directory into a :class:`Transformer`.
+
+    ``router`` must build Mixtral's learned top-k gate (``moe_variants.routers.topk.TopKRouter``): HF's
+    ``block_sparse_moe.gate`` weights load into its ``gate``. The model layer never imports a router, so the
+    caller names it.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not an HF checkpoint directory: no config.json")
     args = args_from_hf_config(json.loads(config_file.read_text()))
     with torch.device("meta"):
-        model = Transformer(args, experts=experts)
+        model = Transformer(args, router=router, experts=experts)
+    bad = sorted({type(r).__name__ for r in model.routers if not r.hf_exportable})
+    if bad:
+        raise ValueError(f"an HF Mixtral checkpoint holds Mixtral's learned top-k gate; router {bad[0]} is not it: "
+                         f"pass router=moe_variants.routers.topk.TopKRouter")
     state = _to_ours(_read_tensors(path), args)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -166,12 +179,14 @@ def load_hf(path: str | Path, experts: str = "loop", dtype: torch.dtype | None =
     return model
 
 
-def save_hf(model: Transformer, path: str | Path) -> None:
-    """Write ``model`` as a directory that ``transformers.MixtralForCausalLM.from_pretrained`` loads.
+def save_hf(model: Transformer, path: str | Path, bos_token_id: int = 1, eos_token_id: int = 2) -> None:
+    """Write ``model`` as a directory that ``transformers.MixtralForCausalLM.from_pretrained`` loads
+    (``config.json`` + ``model.safetensors``; the ids are those of the tokenizer's BOS / EOS, Mixtral's by default).
 
     Only Mixtral's own learned top-k gate can be expressed in HF's format; hash, span and other routers
     (and their tables), other score functions, selection biases, shared experts and capacity dropping cannot, so
-    such a model refuses to export.
+    such a model refuses to export. A complete folder with the run's tokenizer (``AutoTokenizer``, ``pipeline``):
+    ``moe_variants.training.export.export_hf``.
     """
     args = model.args
     if args.num_shared_experts or args.capacity_factor is not None:
@@ -192,8 +207,6 @@ def save_hf(model: Transformer, path: str | Path) -> None:
     F_ = model.args.hidden_dim
     for name, t in model.state_dict().items():
         t = t.detach().contiguous()
-        if name == "word_start_table":
-            continue
         if name == "tok_embeddings.weight":
             out["model.embed_tokens.weight"] = t
         elif name == "norm.weight":
@@ -220,4 +233,5 @@ def save_hf(model: Transformer, path: str | Path) -> None:
             raise ValueError(f"no HF name for tensor {name}")
     dtype = next(model.parameters()).dtype
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2))
+    config = hf_config_from_args(model.args, dtype, bos_token_id, eos_token_id)
+    (path / "config.json").write_text(json.dumps(config, indent=2))

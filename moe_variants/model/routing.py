@@ -1,14 +1,16 @@
 """The router contract: what every router receives and returns.
 
 A router maps hidden states ``x`` of shape (B, S, D) plus a :class:`RoutingContext` (token ids, positions,
-span information) to a :class:`RouterOutput`: K expert ids and K combine weights per token. The MoE layer
-never knows which router it holds.
+decoding state) to a :class:`RouterOutput`: K expert ids and K combine weights per token. The MoE layer
+never knows which router it holds, and the context carries only what every router may need: anything one
+kind of router needs (word spans, corpus tables) lives with that router (``moe_variants.routers``).
 
 Causality: the decision for position t may use only tokens <= t. ``RoutingContext`` exposes the token
 history (``history_ids``) so that routers keyed on token ids can look back across decoding steps; anything
 that reads past position t is a look-ahead and must be declared with ``Router.causal = False``.
 
-Shape legend: B batch, S sequence, D model dim, E experts, K experts per token, V vocabulary.
+Shape legend: B batch, S sequence (current chunk), S_hist history, D model dim, E experts, K experts per token,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_variants.routers import spans
-
 
 @dataclass
 class RouterOutput:
     """What a router decides for one MoE layer.
 
     Attributes:
-        expert_ids: (B, S, K) int64, distinct experts per token, in order of preference.
-        weights: (B, S, K) float32 combine weights.
-        logits: (B, S, E) float32 router logits, when the router has them (None for fixed routers).
-        aux_losses: unweighted auxiliary losses by name (scalars); coefficients live in config.
+        expert_ids: (B, S, K) int64, K distinct experts per token, in order of preference.
+        weights: (B, S, K) float32 combine weights, summing to 1 over K.
+        logits: (B, S, E) float32 logits of the gate that *chose* the experts, or None when no gate chose them
+            (tables, hashes; a gate that only weights experts chosen otherwise reports None here, so that router
+            entropy is only ever measured where a gate decides).
+        aux_losses: unweighted auxiliary losses by name (scalars); their coefficients live in ``conf/loss``.
         dropped: (B, S, K) bool, True for copies that no expert computes (they add 0 to the token's output):
             slots a variable-K router leaves unused (expert choice; their ids are distinct fillers, weight 0)
             and copies over their expert's capacity (set by the MoE layer). None: every copy is computed.
@@ -45,15 +47,12 @@ class RouterOutput:
 
 
 class RoutingContext:
-    """Per-forward information that routers may read, computed once and shared by all layers.
+    """Per-forward information that every router may read, shared by all layers.
 
     Args:
-        history_ids: (B, S_hist) int64 token ids of the whole sequence so far; the current chunk is the
-            last S positions (S_hist == S outside incremental decoding).
+        history_ids: (B, S_hist) int64 token ids of the whole sequence so far, from position 0; the current chunk
+            is the last S positions (S_hist == S outside incremental decoding).
         positions: (B, S) int64 absolute positions of the current chunk.
-        span_start: (B, S) bool, True where a new word span starts, for the current chunk. When None it is
-            computed from ``word_start_table`` (a (V,) bool table from the tokenizer).
-        word_start_table: (V,) bool, True for token ids that begin a word (see ``spans.word_start_table``).
         router_state: per-layer dicts that routers use to carry decisions across decoding steps
             (None outside incremental decoding).
     """
@@ -62,70 +61,23 @@ class RoutingContext:
         self,
         history_ids: torch.Tensor,
         positions: torch.Tensor,
-        span_start: torch.Tensor | None = None,
-        word_start_table: torch.Tensor | None = None,
         router_state: list[dict[str, Any]] | None = None,
     ) -> None:
         self.history_ids = history_ids
         self.positions = positions
         self.seq_len = positions.shape[1]
-        self._span_start = span_start
-        self.word_start_table = word_start_table
         self.router_state = router_state
-        self._memo: dict[Any, torch.Tensor] = {}
 
     @property
     def token_ids(self) -> torch.Tensor:
         """(B, S) token ids of the current chunk."""
         return self.history_ids[:, -self.seq_len :]
 
-    def memo(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Compute a derived quantity once per forward (shared across layers)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
-
-    def history_span_start(self, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
-        """(B, S_hist) span-start flags over the whole history."""
-
-        def compute() -> torch.Tensor:
-            if span.kind == "fixed":
-                pos = torch.arange(self.history_ids.shape[1], device=self.history_ids.device)
-                return spans.fixed_starts(pos, span.span_len).expand_as(self.history_ids)
-            if self._span_start is not None and self.history_ids.shape[1] == self.seq_len:
-                return self._span_start  # the data side's flags cover the whole history
-            if self.word_start_table is None:
-                raise ValueError(
-                    "word spans need the tokenizer's word-start table: build the model with "
-                    "word_start_table=<tokenizer's table> or pass span_start"
-                )
-            flags = spans.word_starts(self.history_ids, self.word_start_table)
-            if self._span_start is not None:  # the data side's flags win for the current chunk
-                flags = flags.clone()
-                flags[:, -self.seq_len :] = self._span_start
-            return flags
-
-        return self.memo(("span_start", span), compute)
-
-    def span_starts(self, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
-        """(B, S) bool: True where a new span starts (current chunk)."""
-        return self.history_span_start(span)[:, -self.seq_len :]
-
-    def span_prefix_hash(self, max_len: int, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
-        """(B, S) int64 hash of the span prefix ending at each token (causal)."""
-        full = self.memo(
-            ("prefix_hash", max_len, span),
-            lambda: spans.prefix_hash(self.history_ids, self.history_span_start(span), max_len),
-        )
-        return full[:, -self.seq_len :]
-
-    def span_full_hash(self, max_len: int, span: spans.SpanDef = spans.SpanDef()) -> torch.Tensor:
-        """(B, S) int64 hash of the *whole* span containing each token. LOOKS AHEAD: not causal."""
-        full = self.memo(
-            ("full_hash", max_len, span),
-            lambda: spans.full_span_hash(self.history_ids, self.history_span_start(span), max_len),
-        )
-        return full[:, -self.seq_len :]
+    def previous_ids(self, none_id: int) -> torch.Tensor:
+        """(B, S) id of the token before each position of the current chunk; ``none_id`` at position 0."""
+        prev = self.history_ids.new_full(self.history_ids.shape, none_id)
+        prev[:, 1:] = self.history_ids[:, :-1]
+        return prev[:, -self.seq_len :]
 
     def state(self, layer_idx: int) -> dict[str, Any] | None:
         """This layer's router state for incremental decoding (None when not decoding)."""
@@ -144,7 +96,6 @@ class LayerSpec:
     vocab_size: int
     n_layers: int
     layer_idx: int
-    resources: Any = None  # corpus-derived inputs (token counts, routing vocabularies): routers/resources.py
 
 
 class Router(nn.Module):
@@ -154,10 +105,14 @@ class Router(nn.Module):
         causal: False for routers (or variants: set it on the instance) that read tokens after position t;
             they refuse to build unless ``allow_lookahead=True`` and are labelled non-causal.
         hf_exportable: True when the router is exactly Mixtral's learned top-k gate.
+        needs_resources: True for routers built from tokenizer or corpus statistics: their factory is called
+            with ``resources=`` (see ``moe_variants.routers.resources``); everything such a router derives from
+            them is a buffer, so a checkpoint rebuilds it without the corpus.
     """
 
     causal: bool = True
     hf_exportable: bool = False
+    needs_resources: bool = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()

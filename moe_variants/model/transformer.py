@@ -175,12 +175,6 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
 
 
-def default_router(spec: LayerSpec) -> Router:
-    from moe_variants.routers.topk import TopKRouter
-
-    return TopKRouter(spec)
-
-
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (-100 = ignore), in token chunks.
 
@@ -225,10 +219,10 @@ class Transformer(nn.Module):
 
     Args:
         args: architecture.
-        router: a router factory called once per layer with its ``LayerSpec`` (default: Mixtral top-k).
+        router: a router factory called once per layer with its ``LayerSpec``, e.g. Mixtral's gate
+            ``moe_variants.routers.topk.TopKRouter`` or a Hydra ``_partial_`` router config; whatever a router
+            needs beyond the spec (tables, corpus statistics) is bound into the factory by whoever builds the model.
         experts: ``"loop"`` (reference) or ``"grouped"`` (grouped GEMMs).
-        word_start_table: (V,) bool table from the tokenizer, for routers that need word spans.
-        resources: corpus-derived inputs some routers need at build time (token counts, routing vocab).
         loss_chunk_tokens: tokens per chunk when computing the LM loss, so that the (tokens x V) logits
             never sit in memory at once.
         activation_checkpointing: in training (``model.train()``, grad enabled, no KV cache), keep only each
@@ -239,10 +233,8 @@ class Transformer(nn.Module):
     def __init__(
         self,
         args: ModelArgs,
-        router: RouterFactory | None = None,
+        router: RouterFactory,
         experts: str = "loop",
-        word_start_table: torch.Tensor | None = None,
-        resources: Any = None,
         loss_chunk_tokens: int = 8192,
         activation_checkpointing: bool = False,
     ) -> None:
@@ -250,26 +242,16 @@ class Transformer(nn.Module):
         self.args = args
         self.loss_chunk_tokens = loss_chunk_tokens
         self.activation_checkpointing = activation_checkpointing
-        router = router or default_router
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList()
         for i in range(args.n_layers):
             spec = LayerSpec(
                 dim=args.dim, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
-                vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i, resources=resources,
+                vocab_size=args.vocab_size, n_layers=args.n_layers, layer_idx=i,
             )
             self.layers.append(TransformerBlock(args, router(spec), experts))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if word_start_table is not None:
-            if word_start_table.shape != (args.vocab_size,):
-                raise ValueError(
-                    f"word_start_table has shape {tuple(word_start_table.shape)} but the model's vocabulary has "
-                    f"{args.vocab_size} entries: the tokenizer does not match model.vocab_size"
-                )
-            self.register_buffer("word_start_table", word_start_table.bool().clone())
-        else:
-            self.word_start_table = None
         # cos/sin of every position, computed once (recomputing them in every layer cost ~5% of a GPU step)
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
@@ -281,8 +263,8 @@ class Transformer(nn.Module):
 
     @property
     def causal(self) -> bool:
-        """False when any router looks ahead (such a run must be labelled non-causal)."""
-        return all(r.causal for r in self.routers)
+        """False when any router looks ahead, or capacity dropping does (such a run must be labelled non-causal)."""
+        return all(r.causal for r in self.routers) and self.args.capacity_factor is None
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables, e.g. after ``to_empty`` from the meta device."""
@@ -326,13 +308,11 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         *,
         labels: torch.Tensor | None = None,
-        span_start: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool | None = None,
     ) -> ModelOutput:
-        """Args: input_ids (B, S) int64; labels (B, S) next-token targets (-100 = ignore); span_start (B, S)
-        bool word-start flags from the data side (computed from ``word_start_table`` when None); cache for
-        incremental decoding. Logits are returned unless only the loss was asked for (labels given and
+        """Args: input_ids (B, S) int64; labels (B, S) next-token targets (-100 = ignore); cache for incremental
+        decoding. Logits are returned unless only the loss was asked for (labels given and
         ``return_logits`` not True)."""
         B, S = input_ids.shape
         start = cache.next_pos if cache is not None else 0
@@ -343,8 +323,7 @@ class Transformer(nn.Module):
             history = input_ids if cache.history_ids is None else torch.cat([cache.history_ids, input_ids], 1)
             cache.history_ids, cache.next_pos = history, start + S
         ctx = RoutingContext(
-            history_ids=history, positions=positions.expand(B, S), span_start=span_start,
-            word_start_table=self.word_start_table, router_state=cache.router_state if cache else None,
+            history_ids=history, positions=positions.expand(B, S), router_state=cache.router_state if cache else None,
         )
         h = self.tok_embeddings(input_ids)
         cos, sin = self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype)

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe_variants.model.experts import (
     Dispatched,
@@ -54,6 +56,7 @@ from moe_variants.model.experts import (
     inverse_permutation,
     permute_rows,
 )
+from moe_variants.model.transformer import MoE
 
 EXPERT_KEY = re.compile(r"(^|\.)experts\.(w13|w2)$")  # state-dict keys of expert weights (any prefix)
 
@@ -85,8 +88,6 @@ def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[in
     """
     if not torch.compiler.is_compiling():
         return _AllToAll.apply(x, output_splits, input_splits, group)
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
-
     out = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
     return out.wait() if hasattr(out, "wait") else out
 
@@ -182,8 +183,6 @@ class AllToAllDispatcher:
 
 # -- applying EP to a model ----------------------------------------------------------------------------------
 def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moe_variants.model.transformer import MoE
-
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
@@ -283,8 +282,6 @@ def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tenso
 
 def _all_reduce_mean(tensors: list[torch.Tensor], group: Any) -> None:
     """One flat all-reduce per dtype (few large messages instead of one per parameter)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     n = dist.get_world_size(group)
     for ts in _by_dtype(tensors).values():
         flat = _flatten_dense_tensors(ts)

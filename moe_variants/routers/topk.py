@@ -9,32 +9,7 @@ from torch import nn
 
 from moe_variants.model.losses import load_balance_loss, z_loss
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
-
-SCORE_FUNCS = ("softmax", "sigmoid")
-
-
-def topk_gate(
-    logits: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
-    selection_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 scores over all experts (softmax or sigmoid), top-k, optionally renormalised to sum to 1. Softmax
-    renormalised (the default, Mixtral) is the softmax over the top-k logits.
-
-    ``selection_bias`` (E,) is added to the scores for choosing the experts only; the weights are the unbiased
-    scores (DeepSeek-V3's auxiliary-loss-free balancing).
-
-    Returns (expert_ids (..., K), weights (..., K), scores (..., E)).
-    """
-    if score_func == "softmax":
-        scores = torch.softmax(logits.float(), dim=-1)
-    elif score_func == "sigmoid":
-        scores = torch.sigmoid(logits.float())
-    else:
-        raise ValueError(f"unknown score_func {score_func!r}; choices: {list(SCORE_FUNCS)}")
-    choice = scores if selection_bias is None else scores + selection_bias
-    expert_ids = choice.topk(k, dim=-1).indices
-    top = scores.gather(-1, expert_ids)
-    return expert_ids, top / top.sum(-1, keepdim=True) if renormalize else top, scores
+from moe_variants.routers.gates import SCORE_FUNCS, topk_gate
 
 
 class TopKRouter(Router):

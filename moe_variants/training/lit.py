@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from moe_variants.model.losses import compose_loss
 from moe_variants.model.transformer import RMSNorm, Transformer
 from moe_variants.parallel.lightning import ExpertParallelHooks
-from moe_variants.training.checkpoint import CONFIG_KEY
+from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
 
 
 class LitMoE(ExpertParallelHooks, L.LightningModule):
@@ -50,20 +50,17 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self.config = dict(config) if config is not None else None
         self._val_sums: dict[int, list[float]] = {}  # dataloader_idx -> [sum of token losses, tokens]
         self.last_val_step: int | None = None  # global step of the last completed validation
+        self._losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # this optimizer step's micro-batches
         self.expert_parallel = int(expert_parallel)
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         loss, parts = compose_loss(out.lm_loss, out.routing, self.loss_coefficients)
-        if not torch.isfinite(loss):  # before backward/optimizer step, so no weight is touched
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise FloatingPointError(
-                f"NaN/inf loss at step {self.global_step} ({detail}): lower the LR (optimizer.lr), "
-                f"check the data batch, or keep trainer.gradient_clip_val on"
-            )
+        # checked together with the gradients before the optimizer step (on_before_optimizer_step): one sync
+        self._losses.append((loss.detach(), {k: v.detach() for k, v in parts.items()}))
         B = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
@@ -81,7 +78,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(batch["input_ids"], labels=batch["labels"], span_start=batch.get("span_start"))
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         n = int((batch["labels"] != -100).sum())
         acc = self._val_sums.setdefault(dataloader_idx, [0.0, 0])
         acc[0] += float(out.lm_loss) * n
@@ -111,6 +108,50 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             sums[idx, 0], sums[idx, 1] = s, n
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return {idx: [float(s), int(n)] for idx, (s, n) in enumerate(sums.tolist()) if n > 0}
+
+    # -- NaN/inf guard --------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Refuse the optimizer step unless the loss of every micro-batch and every gradient are finite: weights,
+        optimizer state and therefore every checkpoint stay those of the last good step. One fused max-abs norm
+        over the gradients and one device sync per step (plus a scalar all-reduce with several processes, so that
+        all ranks stop together)."""
+        super().on_before_optimizer_step(optimizer)  # expert parallelism: complete and scale the expert grads first
+        losses, self._losses = self._losses, []
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            grads = []  # fp16 loss scaling: inf gradients are expected now and then, the scaler skips those steps
+        values = [loss.float().reshape(1) for loss, _ in losses]
+        values += [n.float().reshape(1) for n in torch._foreach_norm(grads, ord=float("inf"))] if grads else []
+        if not values:
+            return
+        bad = (~torch.isfinite(torch.cat([v.to(self.device) for v in values]))).any().float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad > 0):
+            raise FloatingPointError(self._nonfinite_message(losses, optimizer))
+
+    def _nonfinite_message(self, losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                           optimizer: Optimizer) -> str:
+        step = self.global_step
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad_grads = nonfinite((names.get(id(p), "?"), p.grad) for g in optimizer.param_groups for p in g["params"]
+                              if p.grad is not None)
+        bad_loss = [parts for loss, parts in losses if not torch.isfinite(loss)]
+        if bad_loss:
+            what = "loss", ", ".join(f"{k}={float(v):.4g}" for k, v in bad_loss[0].items())
+        elif bad_grads:
+            what = "gradient", f"{len(bad_grads)} parameters, e.g. {', '.join(bad_grads[:3])}; the loss was finite"
+        else:
+            what = "loss or gradient", "on another rank"
+        params = [p.detach() for p in self.model.parameters()]
+        largest = float(torch.stack(torch._foreach_norm(params, ord=float("inf"))).max()) if params else 0.0
+        return (
+            f"NaN/inf {what[0]} at step {step} ({what[1]}): the step was not taken, weights and checkpoints are those "
+            f"of the last good step (largest |weight| now {largest:.3g}; if that is large, the weights were ruined "
+            f"before this step: resume from an earlier checkpoints/step*.ckpt or start over); lower the LR "
+            f"(optimizer.lr), keep trainer.gradient_clip_val on, or check the data, and resume with ckpt_path=last "
+            f"resume_allow_changes=[optimizer.lr] optimizer.lr=<lower>"
+        )
 
     # -- optimisation --------------------------------------------------------------------------------------
     def _param_groups(self) -> list[list[torch.nn.Parameter]]:

@@ -1,4 +1,11 @@
-"""The learning-rate schedule: linear warmup, then cosine decay (a ``LambdaLR``, stepped every optimizer step)."""
+"""The learning-rate schedule: linear warmup, then cosine decay (a ``LambdaLR``, stepped every optimizer step).
+
+The curve is the one torch's ``SequentialLR(LinearLR(1/W -> 1 over W-1 steps), CosineAnnealingLR(T_max=T-W,
+eta_min=min_lr_ratio * lr))`` gives up to the horizon (``tests/test_schedule.py`` checks the two LR sequences agree
+to 1e-12). It stays a ``LambdaLR`` of one factor function because the torch composition (a) keeps the horizon in
+its state dict, so a resumed run would not take ``scheduler.total_steps`` from its config, (b) rises again after
+``T_max`` (cosine is periodic) unless a third ``ConstantLR`` is chained for the steps beyond the horizon, and
+(c) would not load the scheduler state of checkpoints written with this ``LambdaLR``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,51 @@
+"""Test-only Lightning callbacks: ``KillAt`` signals its own process at a chosen optimizer step: SIGKILL between steps
+(before that step's checkpoint is written) or in the middle of writing a checkpoint, or SIGINT (Ctrl-C). Added to a
+run with ``+callbacks.kill._target_=fault_injection.KillAt +callbacks.kill.step=K`` and optionally
+``+callbacks.kill.during_save=true`` or ``+callbacks.kill.signal=SIGINT``; ``NanGradAt`` poisons a gradient."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal as signal_module
+
+import lightning as L
+import torch
+
+
+class KillAt(L.Callback):
+    def __init__(self, step: int, during_save: bool = False, signal: str = "SIGKILL") -> None:
+        self.step, self.during_save, self.signal = int(step), bool(during_save), getattr(signal_module, signal)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.during_save:
+            return
+        real_save = torch.save
+
+        def save_then_die(obj, f, *args, **kwargs):
+            if trainer.global_step != self.step:
+                return real_save(obj, f, *args, **kwargs)
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            f.write(buf.getvalue()[: buf.tell() // 2])  # half a checkpoint in the temp file, then gone
+            f.flush()
+            os.kill(os.getpid(), signal_module.SIGKILL)
+
+        torch.save = save_then_die  # the checkpoint IO's torch.save, in this (doomed) process only
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        # checkpoint callbacks run after every other callback: SIGKILL lands before step K's checkpoint is written
+        if not self.during_save and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+class NanGradAt(L.Callback):
+    """Puts a NaN into one gradient after the backward pass of step K (a bad batch, an overflow), before the
+    optimizer step: ``+callbacks.nan._target_=fault_injection.NanGradAt +callbacks.nan.step=K``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
