@@ -446,3 +446,7 @@ def test_load_balance_script_known_answer(tmp_path):
     [(per_step, window)] = script.window_balance(script.read_loads(tmp_path / "run"), 1, 2)
     assert per_step == 2.0  # each batch: 0.5 against a mean share of 0.25
     assert window == 1.0  # summed: 0.25 each
+    s = script.summary(script.read_loads(tmp_path / "run"), 1, 2, threshold=2.5)
+    assert s == {"logged_steps": 2, "per_step_mean": 2.0, "per_step_worst": 2.0, "per_step_share_under": 1.0,
+                 "window": 1.0}
+    assert script.summary(script.read_loads(tmp_path / "run"), 2, 2)["per_step_share_under"] == 0.0
