@@ -77,6 +77,17 @@ def test_bias_update_direction_and_size():
         router.update_bias(torch.ones(3))
 
 
+def test_bias_update_rate_default_is_the_measured_one():
+    """0.01 (results/router_zoo/README.md: 0.001 left the small model's layers collapsed); config = class default."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    default = inspect.signature(AuxFreeRouter).parameters["bias_update_rate"].default
+    assert default == OmegaConf.load(CONF_DIR / "router" / "aux_free.yaml").bias_update_rate == 0.01
+    assert AuxFreeRouter(spec()).bias_update_rate == 0.01
+
+
 def test_bias_steers_the_choice_not_the_weights():
     router = AuxFreeRouter(spec())
     with torch.no_grad():
