@@ -77,6 +77,17 @@ def test_bias_update_direction_and_size():
         router.update_bias(torch.ones(3))
 
 
+def test_bias_update_rate_default_is_the_measured_one():
+    """0.01 (results/router_zoo/README.md: 0.001 left the small model's layers collapsed); config = class default."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    default = inspect.signature(AuxFreeRouter).parameters["bias_update_rate"].default
+    assert default == OmegaConf.load(CONF_DIR / "router" / "aux_free.yaml").bias_update_rate == 0.01
+    assert AuxFreeRouter(spec()).bias_update_rate == 0.01
+
+
 def test_bias_steers_the_choice_not_the_weights():
     router = AuxFreeRouter(spec())
     with torch.no_grad():
@@ -425,3 +436,28 @@ def test_variant_trains_and_is_analysed(variant, tmp_path, corpus):
         assert layer["drop_rate"] > 0
     else:
         assert layer["drop_rate"] == 0
+
+
+def test_load_balance_script_known_answer(tmp_path):
+    """Two batches, each overloading another expert 2x: per step 2.0, summed over both balanced (1.0)."""
+    import importlib.util
+    import sys
+
+    spec_ = importlib.util.spec_from_file_location(
+        "load_balance", Path(__file__).resolve().parents[1] / "experiments" / "router_zoo" / "load_balance.py")
+    script = importlib.util.module_from_spec(spec_)
+    sys.modules["load_balance"] = script
+    spec_.loader.exec_module(script)
+    csv_dir = tmp_path / "run" / "csv" / "version_0"
+    csv_dir.mkdir(parents=True)
+    loads = {1: [0.5, 0.25, 0.25, 0.0], 2: [0.0, 0.25, 0.25, 0.5]}  # shares of 4 experts at steps 1 and 2
+    header = ["step", "routing/layer0/max_over_mean"] + [f"routing/layer0/load/e{j}" for j in range(4)]
+    lines = [",".join(header)] + [",".join(map(str, [s, max(v) * 4, *v])) for s, v in loads.items()]
+    (csv_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    [(per_step, window)] = script.window_balance(script.read_loads(tmp_path / "run"), 1, 2)
+    assert per_step == 2.0  # each batch: 0.5 against a mean share of 0.25
+    assert window == 1.0  # summed: 0.25 each
+    s = script.summary(script.read_loads(tmp_path / "run"), 1, 2, threshold=2.5)
+    assert s == {"logged_steps": 2, "per_step_mean": 2.0, "per_step_worst": 2.0, "per_step_share_under": 1.0,
+                 "window": 1.0}
+    assert script.summary(script.read_loads(tmp_path / "run"), 2, 2)["per_step_share_under"] == 0.0

@@ -33,12 +33,13 @@ class AuxFreeRouter(TopKRouter):
     """Learned top-k router whose expert choice is steered by a bias balanced outside the gradient.
 
     Args:
-        bias_update_rate: the bias update speed (DeepSeek-V3's gamma: 0.001 for most of its training); 0 freezes
-            the bias.
+        bias_update_rate: the bias step per optimizer step (DeepSeek-V3's gamma: 0.001 for most of its training,
+            at a learning rate of 2.2e-4); 0 freezes the bias. Default 0.01: on the small model at lr 3e-3, 0.001
+            left the layers collapsed after 150 steps and 0.01 balanced best per step (results/router_zoo/README.md).
         score_func, renormalize, jitter_eps: as :class:`TopKRouter` (defaults: DeepSeek-V3's sigmoid, renormalised).
     """
 
-    def __init__(self, spec: LayerSpec, *, bias_update_rate: float = 1e-3, score_func: str = "sigmoid",
+    def __init__(self, spec: LayerSpec, *, bias_update_rate: float = 1e-2, score_func: str = "sigmoid",
                  renormalize: bool = True, jitter_eps: float = 0.0) -> None:
         super().__init__(spec, jitter_eps=jitter_eps, score_func=score_func, renormalize=renormalize)
         if not bias_update_rate >= 0:
