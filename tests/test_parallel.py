@@ -184,8 +184,9 @@ def test_trainer_configs_compose(trainer: str):
 
 # topk: the LM loss only, as per-rank load-balancing losses are not the global-batch one (a ~1e-4 difference in
 # fp32); hash reports no aux loss, so the default (configured) loss compares exactly
-@pytest.mark.parametrize("router,flags", [("topk", ["--loss", "lm"]), ("hash", ["--no-ddp"])],
-                         ids=["topk-ddp", "hash-no_ddp"])
+# aux_free: the selection bias is updated from the global counts after each step, as by moe-train's BiasBalancing
+@pytest.mark.parametrize("router,flags", [("topk", ["--loss", "lm"]), ("hash", ["--no-ddp"]),
+                                          ("aux_free", ["--loss", "lm"])], ids=["topk-ddp", "hash-no_ddp", "aux_free"])
 def test_benchmark_script_cpu(tmp_path: Path, router: str, flags: list[str]):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -202,3 +203,8 @@ def test_benchmark_script_cpu(tmp_path: Path, router: str, flags: list[str]):
     assert result["ddp"] == ("--no-ddp" not in flags)
     assert all(1.0 <= x <= 2.0 for x in result["ep"]["expert_load"])  # busiest of 2 ranks over the mean
     assert (out / "expert_parallel.md").is_file()
+    if router == "aux_free":  # 3 updates of +-rate per expert, the same in one process and under EP
+        bias, bias_ep = torch.tensor(result["single"]["expert_bias"]), torch.tensor(result["ep"]["expert_bias"])
+        assert bias.shape == (2, 4) and bias.abs().max() > 0 and torch.equal(bias, bias_ep)
+    else:
+        assert result["single"]["expert_bias"] == []

@@ -135,6 +135,7 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
     from moe_variants.model.experts import expert_counts
     from moe_variants.model.losses import compose_loss
     from moe_variants.parallel import expert_parallel as parallel
+    from moe_variants.routers.aux_free import AuxFreeRouter
 
     B = ids.shape[1]  # the global batch of this run (sequences)
     W, r = (dist.get_world_size(), dist.get_rank()) if ep else (1, 0)
@@ -184,9 +185,13 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
             dist.all_reduce(stats)
             stats[0] /= W
         stats = stats.cpu()  # (a host sync per step, as a logger would)
-        return float(stats[0]), rank_load_imbalance(stats[1:].view(-1, E), world)
+        counts_LE = stats[1:].view(-1, E)
+        for layer, router in bias_routers.items():  # as moe-train's BiasBalancing: global counts, once per step
+            router.update_bias(counts_LE[layer])
+        return float(stats[0]), rank_load_imbalance(counts_LE, world)
 
     E, world = int(model.args.num_experts), dist.get_world_size()
+    bias_routers = {i: rt for i, rt in enumerate(model.routers) if isinstance(rt, AuxFreeRouter)}
     losses, loads, t0 = [], [], None
     for step in range(a.steps):
         if step == a.warmup:
@@ -215,7 +220,8 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: ar
         write_profile(prof, Path(a.out), r, a.profile, dev.type)
     return {"losses": losses, "expert_load": loads, "step_time_s": elapsed / max(timed, 1),
             "tokens_per_s": B * a.seq_len * timed / elapsed if timed > 0 else float("nan"),
-            "peak_mem_gib_per_rank": peak}
+            "peak_mem_gib_per_rank": peak,
+            "expert_bias": [rt.expert_bias.float().cpu().tolist() for rt in bias_routers.values()]}
 
 
 def write_profile(prof: Any, out: Path, rank: int, steps: int, device: str) -> None:
