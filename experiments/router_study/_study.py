@@ -4,7 +4,11 @@ its runs on disk, a run's data module, and running a CPU-loaded checkpoint on an
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,3 +121,63 @@ class OnDevice:
                                    dropped=None if r.dropped is None else r.dropped.cpu()) for r in out.routing]
         loss = None if out.lm_loss is None else out.lm_loss.float().cpu()
         return SimpleNamespace(lm_loss=loss, routing=routing)
+
+
+def run_jobs(jobs: list[Any], done: set[str], *, command: Callable[[Any], list[str]], log_path: Callable[[Any], Path],
+             succeeded: Callable[[Any], bool], parallel: int, gpu_ids: list[str], t0: float,
+             launch_until: float | None = None, tag: str = "sweep") -> tuple[list[str], list[Any], bool]:
+    """Run ``jobs`` (each with ``.key`` and ``.after``, the keys it needs first) in order, ``parallel`` at once as
+    subprocesses (slot i on GPU ``gpu_ids[i % n]``), skipping keys in ``done`` and adding to it the ones that
+    succeed (exit 0 and ``succeeded(job)``). A job found done when its turn comes (``succeeded`` is true before
+    it runs) is not run again. No job starts ``launch_until`` seconds after ``t0``; a job whose prerequisite
+    failed is dropped as blocked. Returns (failed keys, jobs never started, whether launching was stopped)."""
+    pending = [j for j in jobs if j.key not in done]
+    running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+    failed: list[str] = []
+    stopped = False
+    while pending or running:
+        for slot in range(parallel):
+            if slot in running:
+                continue
+            if launch_until is not None and time.monotonic() - t0 > launch_until:
+                stopped = True
+                break
+            ready = [j for j in pending if all(k in done for k in j.after)]
+            if not ready:
+                break
+            j = ready[0]
+            pending.remove(j)
+            if succeeded(j):  # e.g. a run whose name resolved to one that already finished
+                done.add(j.key)
+                continue
+            env = dict(os.environ)
+            gpu = gpu_ids[slot % len(gpu_ids)] if gpu_ids else None
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            log_path(j).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path(j), "a") as log:
+                proc = subprocess.Popen(command(j), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[slot] = (proc, j, time.monotonic())
+            print(f"[{tag}] start {j.key} (slot {slot}{f', GPU {gpu}' if gpu is not None else ''})", flush=True)
+        for slot, (proc, j, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[slot]
+            ok = proc.returncode == 0 and succeeded(j)
+            print(f"[{tag}] {'done' if ok else 'FAILED'} {j.key} in {time.monotonic() - start:.0f} s "
+                  f"(rc {proc.returncode}; log {log_path(j)})", flush=True)
+            (done.add if ok else failed.append)(j.key)
+        for j in [j for j in pending if any(k in failed or k + " (blocked)" in failed for k in j.after)]:
+            pending.remove(j)  # a prerequisite failed: it can never run
+            failed.append(j.key + " (blocked)")
+        if stopped and not running:
+            break
+        if pending and not running and not any(all(k in done for k in j.after) for j in pending):
+            break  # nothing can ever become ready
+        time.sleep(0.5)
+    print(f"[{tag}] {len(done)} of {len(jobs)} jobs done in {time.monotonic() - t0:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    if stopped and pending:
+        print(f"[{tag}] stopped launching after {launch_until} s; {len(pending)} jobs left: run the same command "
+              "again", flush=True)
+    return failed, pending, stopped

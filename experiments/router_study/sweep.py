@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _study import ARMS, distilled_table_path, study_config, study_overrides  # noqa: E402
+from _study import ARMS, distilled_table_path, run_jobs, study_config, study_overrides  # noqa: E402
 
 
 @dataclass
@@ -110,16 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         gpu_ids = [str(i) for i in range(torch.cuda.device_count())]
     else:
         gpu_ids = [str(i) for i in range(int(a.gpus))]
-    n_gpus = len(gpu_ids)
     (root / "logs").mkdir(parents=True, exist_ok=True)
 
+    def succeeded(j: Job) -> bool:
+        if j.kind == "distill":
+            return distilled_table_path(root, j.seed).is_file()
+        return finished(root, j.arm, j.seed, max_steps)
+
     jobs = plan(arms, seeds)
-    done = {j.key for j in jobs if j.kind == "train" and finished(root, j.arm, j.seed, max_steps)}
-    done |= {j.key for j in jobs if j.kind == "distill" and distilled_table_path(root, j.seed).is_file()}
-    pending = [j for j in jobs if j.key not in done]
-    print(f"[sweep] {a.study}: {len(jobs)} jobs, {len(done)} already done, {len(pending)} to run; root {root}; "
-          f"{a.parallel} at once over {n_gpus} GPU(s)", flush=True)
-    if pending and not a.no_prepare:
+    done = {j.key for j in jobs if succeeded(j)}
+    print(f"[sweep] {a.study}: {len(jobs)} jobs, {len(done)} already done, {len(jobs) - len(done)} to run; root "
+          f"{root}; {a.parallel} at once over {len(gpu_ids)} GPU(s)", flush=True)
+    if len(done) < len(jobs) and not a.no_prepare:
         prepare(a.study, overrides)
         print(f"[sweep] data caches ready ({time.monotonic() - t0:.0f} s)", flush=True)
 
@@ -130,53 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         return [sys.executable, "-m", "moe_variants.training.run",
                 *study_overrides(a.study, [f"arm={j.arm}", f"seed={j.seed}", "ckpt_path=last", *overrides])]
 
-    running: dict[int, tuple[subprocess.Popen, Job, float]] = {}
-    failed: list[str] = []
-    stopped = False
-    while pending or running:
-        for slot in range(a.parallel):
-            if slot in running:
-                continue
-            if a.launch_until is not None and time.monotonic() - t0 > a.launch_until:
-                stopped = True
-                break
-            ready = [j for j in pending if all(k in done for k in j.after)]
-            if not ready:
-                break
-            j = ready[0]
-            pending.remove(j)
-            env = dict(os.environ)
-            if n_gpus > 0:
-                env["CUDA_VISIBLE_DEVICES"] = gpu_ids[slot % n_gpus]
-            log = open(root / "logs" / f"{j.kind}-{j.arm}-s{j.seed}.log", "a")
-            running[slot] = (subprocess.Popen(command(j), stdout=log, stderr=subprocess.STDOUT, env=env), j,
-                             time.monotonic())
-            log.close()
-            print(f"[sweep] start {j.key} (slot {slot}{f', GPU {gpu_ids[slot % n_gpus]}' if n_gpus else ''})",
-                  flush=True)
-        for slot, (proc, j, start) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[slot]
-            ok = proc.returncode == 0 and (j.kind != "train" or finished(root, j.arm, j.seed, max_steps))
-            print(f"[sweep] {'done' if ok else 'FAILED'} {j.key} in {time.monotonic() - start:.0f} s "
-                  f"(rc {proc.returncode}; log {root / 'logs' / f'{j.kind}-{j.arm}-s{j.seed}.log'})", flush=True)
-            (done.add if ok else failed.append)(j.key)
-        # jobs whose prerequisites failed can never run
-        blocked = [j for j in pending if any(k in failed for k in j.after)]
-        for j in blocked:
-            pending.remove(j)
-            failed.append(j.key + " (blocked)")
-        if stopped and not running:
-            break
-        if pending and not running and not stopped and not any(all(k in done for k in j.after) for j in pending):
-            break  # nothing can ever become ready
-        time.sleep(0.5)
-    print(f"[sweep] {len(done)} of {len(jobs)} jobs done in {time.monotonic() - t0:.0f} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    def log_path(j: Job) -> Path:
+        return root / "logs" / f"{j.kind}-{j.arm}-s{j.seed}.log"
+
+    failed, pending, stopped = run_jobs(jobs, done, command=command, log_path=log_path, succeeded=succeeded,
+                                        parallel=a.parallel, gpu_ids=gpu_ids, t0=t0, launch_until=a.launch_until)
     if stopped and pending:
-        print(f"[sweep] stopped launching after {a.launch_until} s; {len(pending)} jobs left: run the same command "
-              f"again", flush=True)
         return 3
     if not a.no_analyze:
         cmd = [sys.executable, str(HERE / "analyze.py"), "--study", a.study, "--study-root", str(root), *data_args]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _study import STUDY_CONF_DIR, study_config, study_overrides  # noqa: E402
+from _study import STUDY_CONF_DIR, run_jobs, study_config, study_overrides  # noqa: E402
 
 ARMS = ("topk", "hash_random", "span_vocab", "dense", "hash_balanced", "span_head", "topk_frozen", "hash_distilled")
 MINIMUM = ARMS[:4]  # the arms the study's conclusions need first (done-when: 3 budgets x 3 seeds each)
@@ -340,52 +339,10 @@ class Driver:
         pending = [j for j in jobs if j.key not in done]
         print(f"[sweep_v2] {len(jobs)} jobs, {len(done)} already done, {len(pending)} to run; root {self.root}; "
               f"{a.parallel} at once over {len(self.gpu_ids)} GPU(s)", flush=True)
-        running: dict[int, tuple[subprocess.Popen, Job, float]] = {}
-        failed: list[str] = []
-        stopped = False
-        while pending or running:
-            for slot in range(a.parallel):
-                if slot in running:
-                    continue
-                if a.launch_until is not None and time.monotonic() - self.t0 > a.launch_until:
-                    stopped = True
-                    break
-                ready = [j for j in pending if all(k in done for k in j.after)]
-                if not ready:
-                    break
-                j = ready[0]
-                pending.remove(j)
-                if self.done(j):  # a knob run whose name resolved to one that already finished
-                    done.add(j.key)
-                    continue
-                env = dict(os.environ)
-                if self.gpu_ids:
-                    env["CUDA_VISIBLE_DEVICES"] = self.gpu_ids[slot % len(self.gpu_ids)]
-                with open(self.log_path(j), "a") as log:
-                    proc = subprocess.Popen(self.command(j, chosen), stdout=log, stderr=subprocess.STDOUT, env=env)
-                running[slot] = (proc, j, time.monotonic())
-                print(f"[sweep_v2] start {j.key} (slot {slot})", flush=True)
-            for slot, (proc, j, start) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[slot]
-                ok = proc.returncode == 0 and self.done(j)
-                print(f"[sweep_v2] {'done' if ok else 'FAILED'} {j.key} in {time.monotonic() - start:.0f} s "
-                      f"(rc {proc.returncode}; log {self.log_path(j)})", flush=True)
-                (done.add if ok else failed.append)(j.key)
-            for j in [j for j in pending if any(k in failed or k + " (blocked)" in failed for k in j.after)]:
-                pending.remove(j)
-                failed.append(j.key + " (blocked)")
-            if stopped and not running:
-                break
-            if pending and not running and not any(all(k in done for k in j.after) for j in pending):
-                break
-            time.sleep(0.5)
-        print(f"[sweep_v2] {len(done)} of {len(jobs)} jobs done in {time.monotonic() - self.t0:.0f} s"
-              + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+        failed, pending, stopped = run_jobs(
+            jobs, done, command=lambda j: self.command(j, chosen), log_path=self.log_path, succeeded=self.done,
+            parallel=a.parallel, gpu_ids=self.gpu_ids, t0=self.t0, launch_until=a.launch_until, tag="sweep_v2")
         if stopped and pending:
-            print(f"[sweep_v2] stopped launching after {a.launch_until} s; {len(pending)} jobs left: run the same "
-                  "command again", flush=True)
             return 3
         return 1 if failed or pending else 0
 
