@@ -46,11 +46,11 @@ collect() {
   ls -la "$OUT"
 }
 
-wait_for_sweeps() {  # $1: seconds at most
-  local until=$((SECONDS + ${1:-540}))
-  while [ $SECONDS -lt $until ] && pgrep -f "router_study/sweep.py" >/dev/null; do sleep 10; done
-  for log in "$ROOT"/sweep*.log; do echo "== $log"; tail -n 25 "$log" || true; done
-  pgrep -f "router_study/sweep.py" >/dev/null && echo "SWEEP STILL RUNNING: run 'device.sh wait' again now" \
+wait_for() {  # $1: the sweep script (sweep.py | sweep_v2.py), $2: its study root, $3: the wait command, $4: seconds at most
+  local until=$((SECONDS + ${4:-540}))
+  while [ $SECONDS -lt $until ] && pgrep -f "router_study/$1" >/dev/null; do sleep 10; done
+  for log in "$2"/sweep*.log; do echo "== $log"; tail -n 25 "$log" || true; done
+  pgrep -f "router_study/$1" >/dev/null && echo "SWEEP STILL RUNNING: run 'device.sh $3' again now" \
     || echo "SWEEP FINISHED"
 }
 
@@ -105,14 +105,6 @@ collect_v2() {
   echo "collected ${#runs[@]} finished runs"; du -ch "$OUT/router_study_v2" | tail -n 1
 }
 
-wait_for_v2() {  # $1: seconds at most
-  local until=$((SECONDS + ${1:-540}))
-  while [ $SECONDS -lt $until ] && pgrep -f "router_study/sweep_v2.py" >/dev/null; do sleep 10; done
-  for log in "$V2_ROOT"/sweep*.log; do echo "== $log"; tail -n 25 "$log" || true; done
-  pgrep -f "router_study/sweep_v2.py" >/dev/null && echo "SWEEP STILL RUNNING: run 'device.sh wait-v2' again now" \
-    || echo "SWEEP FINISHED"
-}
-
 case "${1:-}" in
   prep-v2)
     src=${LARGE:-data/corpus_large}
@@ -165,11 +157,11 @@ PY
     setsid nohup python3 experiments/router_study/sweep_v2.py "$stage" $V2_ARGS -- "${logger[@]}" \
       > "$V2_ROOT/sweep-$stage.log" 2>&1 < /dev/null &
     sleep 5
-    if [ "$secs" != 0 ]; then wait_for_v2 "$secs"; fi
+    if [ "$secs" != 0 ]; then wait_for sweep_v2.py "$V2_ROOT" wait-v2 "$secs"; fi
     collect_v2
     ;;
   wait-v2)
-    wait_for_v2 "${2:-560}"
+    wait_for sweep_v2.py "$V2_ROOT" wait-v2 "${2:-560}"
     collect_v2
     ;;
   collect-v2)
@@ -208,7 +200,7 @@ PY
     setsid nohup python3 experiments/router_study/sweep.py --study router_study $SWEEP_ARGS -- "${logger[@]}" \
       > "$ROOT/sweep-$tag.log" 2>&1 < /dev/null &
     sleep 5
-    if [ "${3:-540}" != 0 ]; then wait_for_sweeps "${3:-540}"; fi
+    if [ "${3:-540}" != 0 ]; then wait_for sweep.py "$ROOT" wait "${3:-540}"; fi
     collect
     ;;
   analyze-loop)  # THERE, detached (setsid): analyse runs as they finish (cached per run), so the end is quick
@@ -220,7 +212,7 @@ PY
     done
     ;;
   wait)
-    wait_for_sweeps "${2:-560}"
+    wait_for sweep.py "$ROOT" wait "${2:-560}"
     collect
     ;;
   collect)
