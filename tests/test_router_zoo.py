@@ -438,8 +438,10 @@ def test_variant_trains_and_is_analysed(variant, tmp_path, corpus):
         assert layer["drop_rate"] == 0
 
 
-def test_load_balance_script_known_answer(tmp_path):
-    """Two batches, each overloading another expert 2x: per step 2.0, summed over both balanced (1.0)."""
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_load_balance_script_known_answer(tmp_path, logger):
+    """Two batches, each overloading another expert 2x: per step 2.0, summed over both balanced (1.0); read from a
+    CSV log and from an offline W&B run alike."""
     import importlib.util
     import sys
 
@@ -448,12 +450,23 @@ def test_load_balance_script_known_answer(tmp_path):
     script = importlib.util.module_from_spec(spec_)
     sys.modules["load_balance"] = script
     spec_.loader.exec_module(script)
-    csv_dir = tmp_path / "run" / "csv" / "version_0"
-    csv_dir.mkdir(parents=True)
     loads = {1: [0.5, 0.25, 0.25, 0.0], 2: [0.0, 0.25, 0.25, 0.5]}  # shares of 4 experts at steps 1 and 2
-    header = ["step", "routing/layer0/max_over_mean"] + [f"routing/layer0/load/e{j}" for j in range(4)]
-    lines = [",".join(header)] + [",".join(map(str, [s, max(v) * 4, *v])) for s, v in loads.items()]
-    (csv_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    metrics = {s: {"routing/layer0/max_over_mean": max(v) * 4, **{f"routing/layer0/load/e{j}": x
+                                                                  for j, x in enumerate(v)}} for s, v in loads.items()}
+    if logger == "csv":
+        csv_dir = tmp_path / "run" / "csv" / "version_0"
+        csv_dir.mkdir(parents=True)
+        header = ["step", *metrics[1]]
+        lines = [",".join(header)] + [",".join(map(str, [s, *m.values()])) for s, m in metrics.items()]
+        (csv_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    else:
+        import wandb
+
+        wb = wandb.init(mode="offline", dir=tmp_path / "run", project="lb-test")
+        wb.log({"train/loss": 1.0})  # a row without routing metrics is skipped
+        for s, m in metrics.items():
+            wb.log({"trainer/global_step": s, **m})
+        wb.finish()
     [(per_step, window)] = script.window_balance(script.read_loads(tmp_path / "run"), 1, 2)
     assert per_step == 2.0  # each batch: 0.5 against a mean share of 0.25
     assert window == 1.0  # summed: 0.25 each
@@ -461,3 +474,5 @@ def test_load_balance_script_known_answer(tmp_path):
     assert s == {"logged_steps": 2, "per_step_mean": 2.0, "per_step_worst": 2.0, "per_step_share_under": 1.0,
                  "window": 1.0}
     assert script.summary(script.read_loads(tmp_path / "run"), 2, 2)["per_step_share_under"] == 0.0
+    with pytest.raises(FileNotFoundError, match="no csv"):
+        script.read_loads(tmp_path / "elsewhere")

@@ -1,4 +1,5 @@
-"""Expert load balance of a training run, from its CSV log (``logger=csv``, best with ``trainer.log_every_n_steps=1``).
+"""Expert load balance of a training run, from its CSV log (``logger=csv``, best with ``trainer.log_every_n_steps=1``)
+or, without one, its offline W&B run.
 
 For every MoE layer and step window it prints two numbers:
 
@@ -26,19 +27,31 @@ import re
 import statistics
 from pathlib import Path
 
+from moe_variants.training.wandb_offline import read_run
+
 
 def read_loads(run_dir: Path) -> dict[int, dict[str, float]]:
-    """step -> the routing metrics logged at that step (every ``metrics.csv`` under ``<run_dir>/csv``)."""
+    """step -> the routing metrics logged at that step: from every ``metrics.csv`` under ``<run_dir>/csv``, else
+    from the run's offline W&B history (``trainer/global_step``, the same step numbers as the CSV's)."""
     rows: dict[int, dict[str, float]] = {}
     files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    if not files:
-        raise FileNotFoundError(f"no csv/version_*/metrics.csv under {run_dir}: train with logger=csv")
-    for path in files:
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                values = {k: float(v) for k, v in row.items() if k.startswith("routing/") and v}
-                if values:
-                    rows.setdefault(int(row["step"]), {}).update(values)
+    if files:
+        for path in files:
+            with open(path) as f:
+                for row in csv.DictReader(f):
+                    values = {k: float(v) for k, v in row.items() if k.startswith("routing/") and v}
+                    if values:
+                        rows.setdefault(int(row["step"]), {}).update(values)
+        return rows
+    try:
+        history = read_run(run_dir)["history"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no csv/version_*/metrics.csv and no offline W&B run under {run_dir}: train with "
+                                "logger=csv or logger=wandb") from None
+    for item in history:
+        values = {k: float(v) for k, v in item.items() if k.startswith("routing/") and isinstance(v, (int, float))}
+        if values and "trainer/global_step" in item:
+            rows.setdefault(int(item["trainer/global_step"]), {}).update(values)
     return rows
 
 
