@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "throughput.py"
-VARIANTS = ["hf_grouped_mm", "ours_topk", "ours_hash", "ours_span", "ours_topk_forced_balanced", "ours_aux_free",
-            "ours_topk_capacity1.0", "ours_fine_grained_shared2"]
+VARIANTS = ["hf_grouped_mm", "ours_topk", "ours_topk_bf16_mixed", "ours_hash", "ours_span", "ours_topk_forced_balanced",
+            "ours_aux_free", "ours_topk_capacity1.0", "ours_fine_grained_shared2"]
 
 
 def test_throughput_benchmark_smoke(tmp_path):

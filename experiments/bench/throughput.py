@@ -3,9 +3,11 @@
 One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step):
 HF eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts,
 chunked cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced
-routing, and the causal variants of the router zoo: aux_free (DeepSeek-V3 sigmoid + selection bias), top-k with
-capacity dropping (capacity factor 1.0 and 1.25), and at the same active expert width fine-grained experts (4x as
-many, 4x narrower, top-4K) with and without 2 shared experts. It prints tokens/s, model FLOP utilisation against
+routing, topk in bf16-mixed precision (fp32 weights and optimizer state, bf16 autocast: the recipe of
+``moe-train``'s GPU trainer, so its step time has a reference), and the causal variants of the router zoo:
+aux_free (DeepSeek-V3 sigmoid + selection bias), top-k with capacity dropping (capacity factor 1.0 and 1.25), and
+at the same active expert width fine-grained experts (4x as many, 4x narrower, top-4K) with and without 2 shared
+experts. It prints tokens/s, model FLOP utilisation against
 a bf16 matmul ceiling measured in the same run, peak memory, and ratios against the best HF variant; it writes JSON
 + a markdown table.
 
@@ -152,14 +154,17 @@ def our_model(c: BenchConfig, router, **args) -> tuple[torch.nn.Module, callable
     return model, loss_fn
 
 
-def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, steps: int, warmup: int) -> dict:
+def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, steps: int, warmup: int,
+                 mixed: bool = False) -> dict:
+    """Median step time of ``build()``'s model. ``mixed``: fp32 weights and AdamW state, the step under bf16
+    autocast (``moe-train``'s ``bf16-mixed``); otherwise bf16 weights and state (how HF and ours are compared)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model, loss_fn = build()
-    model = model.to(device=device, dtype=torch.bfloat16)
+    model = model.to(device=device, dtype=torch.float32 if mixed else torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compile_ else model
@@ -169,7 +174,8 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     next_batch = iter(batches)
 
     def step():
-        loss = loss_fn(step_model, next(next_batch))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mixed):
+            loss = loss_fn(step_model, next(next_batch))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,6 +225,8 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ]
     plan += [
         ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
+        # the Lightning path's precision (trainer.precision=bf16-mixed): its reference for moe-train's step time
+        ("ours_topk_bf16_mixed", lambda: our_model(c, partial(TopKRouter)), compile_, True),
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
         ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
@@ -230,11 +238,11 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
          compile_),
     ]
     results = []
-    for name, build, comp in plan:
+    for name, build, comp, *mixed in plan:
         if variants and name not in variants:
             continue
         try:
-            results.append(time_variant(name, build, c, device, comp, steps, warmup))
+            results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed)))
         except Exception as err:  # a failing variant is reported, not hidden, and the rest still run
             print(f"  {name}: FAILED {type(err).__name__}: {err}"[:400], flush=True)
             results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
