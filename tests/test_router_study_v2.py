@@ -46,6 +46,23 @@ def test_paired_interval_by_hand():
     assert one.mean == 1.0 and math.isnan(one.half_width) and one.verdict() == "no interval (n=1)"
 
 
+def test_domain_gaps_pair_by_seed_and_domain():
+    def run(arm, seed, a, b):
+        return {"arm": arm, "seed": seed, "val_loss_per_domain": {"code": a, "prose": b}}
+
+    rows = [run("topk", 0, 2.0, 3.0), run("topk", 1, 2.2, 3.4), run("hash_random", 0, 1.9, 3.3),
+            run("hash_random", 1, 2.3, 3.5), run("dense", 1, 2.5, 3.4)]
+    g = analyze_v2.domain_gaps(rows)
+    assert set(g) == {"hash_random", "dense"}
+    assert g["hash_random"]["code"].diffs == pytest.approx([-0.1, 0.1])  # mean 0
+    assert g["hash_random"]["prose"].mean == pytest.approx(0.2)  # 0.3 and 0.1
+    assert g["dense"]["code"].seeds == [1] and g["dense"]["code"].mean == pytest.approx(0.3)
+    lines = analyze_v2.domain_table(rows)
+    assert lines[2] == "| arm | code | prose |"
+    assert lines[4] == "| hash_random | +0.000 | +0.200 |" and lines[5] == "| dense | +0.300 | +0.000 |"
+    assert analyze_v2.domain_table([run("topk", 0, 2.0, 3.0)]) == []  # nothing to compare
+
+
 # -- the plan -------------------------------------------------------------------------------------------------------
 LR = {"topk": 1e-3, "hash_random": 2e-3, "hash_distilled": 4e-3}
 

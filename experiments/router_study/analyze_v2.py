@@ -198,6 +198,34 @@ def plot_gaps(g: dict[str, dict[str, Paired]], path: Path) -> None:
     plt.close(fig)
 
 
+def domain_gaps(rows: list[dict[str, Any]]) -> dict[str, dict[str, Paired]]:
+    """arm -> validation domain -> paired differences of the arm's loss on that domain to topk's (one budget's
+    runs)."""
+    ref = {r["seed"]: r["val_loss_per_domain"] for r in rows if r["arm"] == REFERENCE}
+    domains = list(dict.fromkeys(d for r in rows for d in r["val_loss_per_domain"]))
+    out: dict[str, dict[str, Paired]] = {}
+    for arm in [a for a in ARMS if a != REFERENCE and any(r["arm"] == a for r in rows)]:
+        mine = {r["seed"]: r["val_loss_per_domain"] for r in rows if r["arm"] == arm}
+        out[arm] = {d: paired({s: v[d] for s, v in mine.items() if d in v},
+                              {s: v[d] for s, v in ref.items() if d in v}) for d in domains}
+    return out
+
+
+def domain_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per arm and validation domain, the paired mean difference to topk (and n); empty without
+    per-domain losses or without topk runs."""
+    g = domain_gaps(rows)
+    domains = list(next(iter(g.values()), {}))
+    if not domains or not any(p.n for arm in g.values() for p in arm.values()):
+        return []
+    lines = ["Per validation domain, paired mean Δ vs topk (nats/token; n as above):", "",
+             "| arm | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for arm, by_domain in g.items():
+        cells = ("-" if not p.n else f"{round(p.mean, 3) + 0.0:+.3f}" for p in by_domain.values())  # no "-0.000"
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_text(study: str, recs: list[dict[str, Any]], g: dict[str, dict[str, Paired]],
                 tuning: list[dict[str, Any]], missing: list[str]) -> str:
     L = [f"# Router study v2 ({study})", ""]
@@ -226,7 +254,7 @@ def report_text(study: str, recs: list[dict[str, Any]], g: dict[str, dict[str, P
             delta = "-" if not p.n else f"{p.mean:+.4f}"
             seeds = ", ".join(f"s{s} {d:+.4f}" for s, d in zip(p.seeds, p.diffs)) or "-"
             L.append(f"| {arm} | {p.n} | {mean} | {delta} | {ci} | {seeds} | {p.verdict()} |")
-        L.append("")
+        L += ["", *domain_table(rows), ""]
     if tuning:
         L += ["## Tuning (chosen: lowest validation loss per arm; the grid runs the chosen settings)", "",
               "| arm | lr | router_lr_scale | load_balance | z_loss | val loss | tokens/s | chosen |",
