@@ -78,8 +78,8 @@ class ShardedStandin(StandinDataModule):
 class GlobalLoss(L.Callback):
     """Writes, for every training step (rank 0, to ``path``): the mean loss over the ranks (the global-batch loss)
     and the squared norms of the dense and of the expert gradients as the optimizer used them (after the EP grad
-    sync and clipping; expert shards summed over the ranks, counting each replica of a shard once under hybrid
-    EP x DP). AdamW is nearly blind to a gradient's scale, so the grads are compared directly."""
+    sync and clipping; expert shards summed over the ranks, counting each replica of a shard once: under hybrid
+    EP x DP, and without EP). AdamW is nearly blind to a gradient's scale, so the grads are compared directly."""
 
     def __init__(self, path: str) -> None:
         self.path, self.losses = path, {}
@@ -94,8 +94,9 @@ class GlobalLoss(L.Callback):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
             stats[0] /= dist.get_world_size()
-            replicas = getattr(pl_module, "expert_replica_group", None)
-            stats[1] /= dist.get_world_size(replicas) if replicas is not None else 1
+            replicas = getattr(pl_module, "expert_replica_group", None)  # copies of each expert shard
+            copies = dist.get_world_size(replicas) if replicas is not None else 1 if pl_module.ep_active else None
+            stats[1] /= copies or dist.get_world_size()  # (without EP every rank holds every expert)
         self.losses[trainer.global_step - 1] = [float(stats[0]), dense, float(stats[1])]
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -307,3 +308,22 @@ def test_hybrid_config_errors(tmp_path):
     r.lock.unlink()
     assert r.lit.expert_parallel == 2 and r.lit.expert_replica_group is None and not r.lit.ep_active
     assert not any((tmp_path / d / ".running").exists() for d in "ab")
+
+
+@pytest.mark.slow
+def test_global_load_balance_scope_under_ddp(tmp_path):
+    """Plain DDP (EP 1 x DP 2) trained with the load-balance loss: with load_balance_scope=global the losses and
+    gradients of 3 steps are those of one process on the global batch."""
+    from moe_variants.training.run import run
+
+    train = ["loss.load_balance=0.05", "load_balance_scope=global", "trainer.max_steps=3", "scheduler.total_steps=3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(compose_single(tmp_path / "single", *train, *record(tmp_path / "single.json")))
+        run_ddp(tmp_path, "dp2", *train, *record(tmp_path / "dp2.json"),
+                layout=["trainer=ddp", "trainer.devices=2", "parallel.ep_size=1", f"data.batch_size={B}"])
+    finally:
+        torch.set_num_threads(threads)
+    close_losses(read_losses(tmp_path / "dp2.json"), read_losses(tmp_path / "single.json"), range(3),
+                 "global load balance, DDP 2 vs one process")

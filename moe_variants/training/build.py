@@ -31,6 +31,7 @@ from moe_variants import paths
 from moe_variants.model.args import ModelArgs
 from moe_variants.model.transformer import Transformer
 from moe_variants.parallel.expert_parallel import local_expert_range
+from moe_variants.parallel.load_balance import check_load_balance_scope
 from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.resources import FROM_CHECKPOINT, RoutingResources, bind_resources
 from moe_variants.training.callbacks import BiasBalancing
@@ -172,6 +173,7 @@ def check_config(cfg: DictConfig) -> ModelArgs:
             stacklevel=2,
         )
     check_router_lr_scale(cfg.get("router_lr_scale", 1.0))
+    check_load_balance_scope(cfg.get("load_balance_scope", "local"))
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     if max_steps is not None and max_steps <= 0:
         raise ValueError(f"trainer.max_steps={max_steps}: runs are counted in optimizer steps, set it > 0")
@@ -508,6 +510,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
         expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer, expert_parallel_key(cfg)),
         router_lr_scale=cfg.get("router_lr_scale", 1.0),
+        load_balance_scope=cfg.get("load_balance_scope", "local"),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))
