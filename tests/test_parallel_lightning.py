@@ -238,8 +238,10 @@ def test_hybrid_ep_x_dp_resumes_across_layouts(runs):
     tmp, single_dir, ep_dir = runs
     ref = read_losses(tmp / "single.json")
     allow = "resume_allow_changes=[data.batch_size]"
+    # (with the one-copy-per-rank dispatcher, inside EP groups that are not the world)
     hybrid = run_ddp(tmp, "ep2_to_hybrid", f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
-                     "callbacks.checkpoint.every_n_train_steps=1", *record(tmp / "hybrid.json"), layout=HYBRID)
+                     "callbacks.checkpoint.every_n_train_steps=1", "parallel.one_copy_per_rank=true",
+                     *record(tmp / "hybrid.json"), layout=HYBRID)
     close_losses(read_losses(tmp / "hybrid.json"), ref, range(3, STEPS), "EP=2 checkpoint resumed on EP 2 x DP 2")
 
     step4 = hybrid / "checkpoints" / "step000004.ckpt"
@@ -296,6 +298,7 @@ def test_lit_ep_errors_without_process_group_and_for_sharded_checkpoints(tiny_ar
 
 
 def test_hybrid_config_errors(tmp_path):
+    from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
     from moe_variants.training.build import build
 
     ddp = ["parallel=ep", "+trainer.strategy=ddp"]
@@ -307,6 +310,10 @@ def test_hybrid_config_errors(tmp_path):
     r = build(compose_single(tmp_path / "c", *ddp, "trainer.devices=4", "parallel.ep_size=2"))
     r.lock.unlink()
     assert r.lit.expert_parallel == 2 and r.lit.expert_replica_group is None and not r.lit.ep_active
+    assert r.lit.ep_dispatcher is None  # the default: AllToAllDispatcher
+    r = build(compose_single(tmp_path / "d", *ddp, "trainer.devices=2", "parallel.one_copy_per_rank=true"))
+    r.lock.unlink()
+    assert r.lit.ep_dispatcher is OneCopyPerRankDispatcher
     assert not any((tmp_path / d / ".running").exists() for d in "ab")
 
 

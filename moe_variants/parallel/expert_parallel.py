@@ -221,14 +221,17 @@ def ep_group_of(model: nn.Module) -> tuple[Any, int, int]:
     return None, 1, 0
 
 
-def apply_expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, group: Any = None, dispatcher: type | None = None) -> nn.Module:
     """Make ``model`` (the full model, initialised identically on every rank: same seed) this rank's EP model,
     in place: each MoE layer keeps experts ``[rank*E/W, (rank+1)*E/W)`` of the EP ``group`` (default: the
     world) and dispatches with :class:`AllToAllDispatcher`. Returns ``model``.
 
     Slicing a full initialisation keeps EP runs bit-identical to single-process ones at step 0; the full expert
     weights exist briefly on every rank (build on CPU first for models whose experts do not fit one GPU).
+    ``dispatcher``: an ``AllToAllDispatcher`` class (default it; ``dedup.OneCopyPerRankDispatcher`` sends a token
+    once per destination rank).
     """
+    dispatcher = dispatcher or AllToAllDispatcher
     group = group if group is not None else dist.group.WORLD
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = moe_layers(model)
@@ -246,7 +249,7 @@ def apply_expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
             local.w2.copy_(full.w2[lo:hi])
         local.train(full.training)
         moe.experts = local
-        moe.dispatcher = AllToAllDispatcher(group, full.num_experts)
+        moe.dispatcher = dispatcher(group, full.num_experts)
     return model
 
 

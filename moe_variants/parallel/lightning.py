@@ -51,6 +51,7 @@ class ExpertParallelHooks:
     """Lightning hooks for expert parallelism; a no-op unless ``self.expert_parallel > 1``."""
 
     expert_replica_group: Any = None  # the ranks holding this rank's experts (hybrid EP x DP); None: no replicas
+    ep_dispatcher: type | None = None  # an AllToAllDispatcher class (None: AllToAllDispatcher)
 
     @property
     def ep_active(self) -> bool:
@@ -76,7 +77,7 @@ class ExpertParallelHooks:
         local_expert_range(self.model.args.num_experts, W, 0)  # num_experts % W: the error names the fix
         self._check_identical_experts()
         group, self.expert_replica_group = expert_parallel_groups(W)  # world % W: the error names the fix
-        apply_expert_parallel(self.model, group)
+        apply_expert_parallel(self.model, group, dispatcher=self.ep_dispatcher)
         # DDP must neither broadcast rank 0's shard over the others at wrap time nor average expert grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, expert_parameter_names(self.model, prefix="model.")

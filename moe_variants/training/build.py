@@ -511,6 +511,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer, expert_parallel_key(cfg)),
         router_lr_scale=cfg.get("router_lr_scale", 1.0),
         load_balance_scope=cfg.get("load_balance_scope", "local"),
+        one_copy_per_rank=bool((cfg.get("parallel") or {}).get("one_copy_per_rank", False)),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))

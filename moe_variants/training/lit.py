@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from moe_variants.model.losses import compose_loss
 from moe_variants.model.routing import Router
 from moe_variants.model.transformer import RMSNorm, Transformer
+from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
 from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
@@ -39,6 +40,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         parameters into parameter groups of their own (see :meth:`_param_groups`).
     load_balance_scope: ``"local"``: load-balance statistics over each process's tokens; ``"global"``: over all
         processes' (``parallel.load_balance``), set up in ``configure_model``.
+    one_copy_per_rank: under expert parallelism, send a token once per destination rank
+        (``parallel.dedup.OneCopyPerRankDispatcher``) instead of once per expert.
     """
 
     BLOW_UP = 100.0  # a step that multiplies the largest |weight| by more than this (and past it) has diverged
@@ -54,6 +57,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         expert_parallel: int = 1,
         router_lr_scale: float = 1.0,
         load_balance_scope: str = "local",
+        one_copy_per_rank: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -70,6 +74,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
         self.router_lr_scale = check_router_lr_scale(router_lr_scale)
         self.load_balance_scope = check_load_balance_scope(load_balance_scope)
+        self.ep_dispatcher = OneCopyPerRankDispatcher if one_copy_per_rank else None
 
     def configure_model(self) -> None:
         """Expert parallelism (``ExpertParallelHooks``), then, with a global load-balance scope and several
