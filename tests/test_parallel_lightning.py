@@ -78,8 +78,8 @@ class ShardedStandin(StandinDataModule):
 class GlobalLoss(L.Callback):
     """Writes, for every training step (rank 0, to ``path``): the mean loss over the ranks (the global-batch loss)
     and the squared norms of the dense and of the expert gradients as the optimizer used them (after the EP grad
-    sync and clipping; expert shards summed over the ranks). AdamW is nearly blind to a gradient's scale, so the
-    grads are compared directly."""
+    sync and clipping; expert shards summed over the ranks, counting each replica of a shard once: under hybrid
+    EP x DP, and without EP). AdamW is nearly blind to a gradient's scale, so the grads are compared directly."""
 
     def __init__(self, path: str) -> None:
         self.path, self.losses = path, {}
@@ -94,6 +94,9 @@ class GlobalLoss(L.Callback):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
             stats[0] /= dist.get_world_size()
+            replicas = getattr(pl_module, "expert_replica_group", None)  # copies of each expert shard
+            copies = dist.get_world_size(replicas) if replicas is not None else 1 if pl_module.ep_active else None
+            stats[1] /= copies or dist.get_world_size()  # (without EP every rank holds every expert)
         self.losses[trainer.global_step - 1] = [float(stats[0]), dense, float(stats[1])]
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -139,12 +142,13 @@ def compose_single(run_dir: Path, *overrides: str):
         return compose("config", overrides=[*base, *overrides])
 
 
-def run_ddp(cwd: Path, name: str, *overrides: str) -> Path:
-    """``python -m moe_variants.training.run trainer=ddp ...`` (2 CPU processes, gloo); returns its run dir."""
+def run_ddp(cwd: Path, name: str, *overrides: str, layout: list[str] = DDP) -> Path:
+    """``python -m moe_variants.training.run trainer=ddp ...`` (2 CPU processes, gloo, unless ``layout`` says
+    otherwise); returns its run dir."""
     from conftest import TEST_CONF_DIR
 
     cmd = [sys.executable, "-m", "moe_variants.training.run", f"hydra.searchpath=[file://{TEST_CONF_DIR}]",
-           "experiment=ep", f"name={name}", *COMMON, *DDP, *overrides]
+           "experiment=ep", f"name={name}", *COMMON, *layout, *overrides]
     tests = str(Path(__file__).resolve().parent)  # (module-scoped: conftest's PYTHONPATH may not be set yet)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
@@ -220,6 +224,35 @@ def test_resume_across_ep_sizes_keeps_optimizer_state(runs):
     close_losses(read_losses(tmp / "single_to_ep2.json"), ref, range(3, STEPS), "1-process checkpoint resumed on EP=2")
 
 
+# 2 EP groups of 2 consecutive ranks x 2 replicas; 1 sequence per rank: the one-process global batch
+HYBRID = ["trainer=ddp", "trainer.devices=4", "parallel=ep", "parallel.ep_size=2", "data.batch_size=1"]
+
+
+@pytest.mark.slow
+def test_hybrid_ep_x_dp_resumes_across_layouts(runs):
+    """EP=2 (2 processes) step-3 checkpoint -> EP 2 x DP 2 (4 processes) -> one process: the losses and gradients
+    of steps 3-5 as uninterrupted, the optimizer state re-sharded at each move."""
+    from moe_variants.parallel.lightning import EP_KEY
+    from moe_variants.training.run import run
+
+    tmp, single_dir, ep_dir = runs
+    ref = read_losses(tmp / "single.json")
+    allow = "resume_allow_changes=[data.batch_size]"
+    # (with the one-copy-per-rank dispatcher, inside EP groups that are not the world)
+    hybrid = run_ddp(tmp, "ep2_to_hybrid", f"ckpt_path={ep_dir / 'checkpoints' / 'step000003.ckpt'}", allow,
+                     "callbacks.checkpoint.every_n_train_steps=1", "parallel.one_copy_per_rank=true",
+                     *record(tmp / "hybrid.json"), layout=HYBRID)
+    close_losses(read_losses(tmp / "hybrid.json"), ref, range(3, STEPS), "EP=2 checkpoint resumed on EP 2 x DP 2")
+
+    step4 = hybrid / "checkpoints" / "step000004.ckpt"
+    ckpt = torch.load(step4, map_location="cpu", weights_only=False)
+    assert ckpt[EP_KEY] == {"ep_size": 2, "num_experts": 8, "full": True}
+    w13 = [p for p in ckpt["optimizer_states"][0]["state"].values() if p["exp_avg"].dim() == 3]
+    assert w13 and all(s["exp_avg"].shape[0] == 8 for s in w13)
+    run(compose_single(tmp / "hybrid_to_single", f"ckpt_path={step4}", allow, *record(tmp / "hybrid_to_single.json")))
+    close_losses(read_losses(tmp / "hybrid_to_single.json"), ref, range(4, STEPS), "EP 2 x DP 2 resumed on 1")
+
+
 # -- errors (one process) -----------------------------------------------------------------------------------------
 def test_ep_config_errors(tmp_path):
     from moe_variants.training.build import build
@@ -262,3 +295,42 @@ def test_lit_ep_errors_without_process_group_and_for_sharded_checkpoints(tiny_ar
            "param_groups": [{"params": list(range(len(params)))}]}
     with pytest.raises(ValueError, match=r"per-rank optimizer shards"):
         lit.on_load_checkpoint({"state_dict": state, "optimizer_states": [opt]})
+
+
+def test_hybrid_config_errors(tmp_path):
+    from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
+    from moe_variants.training.build import build
+
+    ddp = ["parallel=ep", "+trainer.strategy=ddp"]
+    with pytest.raises(ValueError, match=r"ep_size=4 but the trainer runs 2 processes.*not a multiple.*one of \[2\]"):
+        build(compose_single(tmp_path / "a", *ddp, "trainer.devices=2", "parallel.ep_size=4"))
+    with pytest.raises(ValueError, match=r"parallel.ep_size=4 and parallel.expert_parallel=2 .*disagree"):
+        build(compose_single(tmp_path / "b", *ddp, "parallel.ep_size=4", "parallel.expert_parallel=2"))
+    # EP 2 x DP 2: built (the groups are made in configure_model, once the processes exist)
+    r = build(compose_single(tmp_path / "c", *ddp, "trainer.devices=4", "parallel.ep_size=2"))
+    r.lock.unlink()
+    assert r.lit.expert_parallel == 2 and r.lit.expert_replica_group is None and not r.lit.ep_active
+    assert r.lit.ep_dispatcher is None  # the default: AllToAllDispatcher
+    r = build(compose_single(tmp_path / "d", *ddp, "trainer.devices=2", "parallel.one_copy_per_rank=true"))
+    r.lock.unlink()
+    assert r.lit.ep_dispatcher is OneCopyPerRankDispatcher
+    assert not any((tmp_path / d / ".running").exists() for d in "ab")
+
+
+@pytest.mark.slow
+def test_global_load_balance_scope_under_ddp(tmp_path):
+    """Plain DDP (EP 1 x DP 2) trained with the load-balance loss: with load_balance_scope=global the losses and
+    gradients of 3 steps are those of one process on the global batch."""
+    from moe_variants.training.run import run
+
+    train = ["loss.load_balance=0.05", "load_balance_scope=global", "trainer.max_steps=3", "scheduler.total_steps=3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(compose_single(tmp_path / "single", *train, *record(tmp_path / "single.json")))
+        run_ddp(tmp_path, "dp2", *train, *record(tmp_path / "dp2.json"),
+                layout=["trainer=ddp", "trainer.devices=2", "parallel.ep_size=1", f"data.batch_size={B}"])
+    finally:
+        torch.set_num_threads(threads)
+    close_losses(read_losses(tmp_path / "dp2.json"), read_losses(tmp_path / "single.json"), range(3),
+                 "global load balance, DDP 2 vs one process")

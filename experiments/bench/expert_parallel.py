@@ -60,6 +60,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ddp", dest="ddp", action="store_false",
                    help="EP run without DDP: dense grads all-reduced in one flat call after backward (default: DDP "
                         "buckets overlapped with backward, as moe-train trainer=ddp parallel=ep)")
+    p.add_argument("--one-copy-per-rank", action="store_true",
+                   help="dispatch with parallel.dedup.OneCopyPerRankDispatcher: a token's hidden state travels once "
+                        "per destination rank, not once per expert (parallel.one_copy_per_rank=true in moe-train)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the EP run, profile N more steps (torch.profiler): profile_ep_rank<r>.txt per rank")
     a = p.parse_args(argv)
@@ -112,12 +115,13 @@ def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Te
 
 def build(cfg: Any, a: argparse.Namespace, resources: Any, dev: torch.device, ep: bool) -> torch.nn.Module:
     from moe_variants.parallel import expert_parallel as parallel
+    from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
     from moe_variants.training.build import build_model
 
     torch.manual_seed(a.seed)
     model = build_model(cfg, resources=resources)
-    if ep:
-        parallel.apply_expert_parallel(model)  # slices the same full init on every rank
+    if ep:  # slices the same full init on every rank
+        parallel.apply_expert_parallel(model, dispatcher=OneCopyPerRankDispatcher if a.one_copy_per_rank else None)
     return model.to(dev).train()
 
 
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             else platform.processor(), "torch": torch.__version__, "overrides": overrides,
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
-            "compile": a.compile, "ddp": a.ddp, "loss": a.loss, "single": single, "ep": ep,
+            "compile": a.compile, "ddp": a.ddp, "one_copy_per_rank": a.one_copy_per_rank, "loss": a.loss,
+            "single": single, "ep": ep,
             "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],
             "weak_scaling_speedup": ep["tokens_per_s"] / single_share["tokens_per_s"],

@@ -108,11 +108,15 @@ class Router(nn.Module):
         needs_resources: True for routers built from tokenizer or corpus statistics: their factory is called
             with ``resources=`` (see ``moe_variants.routers.resources``); everything such a router derives from
             them is a buffer, so a checkpoint rebuilds it without the corpus.
+        load_balance_group: see :meth:`balance_group`.
     """
 
     causal: bool = True
     hf_exportable: bool = False
     needs_resources: bool = False
+    # a data-parallel process group: routers that report ``load_balance`` compute its statistics over every rank
+    # of it in training (``parallel.load_balance.use_global_load_balance``); None: over this process's tokens
+    load_balance_group: Any = None
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
@@ -128,6 +132,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def balance_group(self) -> Any:
+        """The process group to compute load-balance statistics over (pass it to ``losses.load_balance_loss``):
+        ``load_balance_group`` in training; None (this process's tokens) in eval, whose aux losses train nothing
+        and whose forwards (validation, generation) need not run in step on every rank."""
+        return self.load_balance_group if self.training else None
 
     def describe(self) -> str:
         """A short label for logs, e.g. ``topk(k=2)``."""

@@ -1,7 +1,8 @@
 """Expert parallelism: experts sharded over ranks, tokens exchanged by all-to-all.
 
 Owns: the expert-parallel dispatcher and its collectives, sharding and gathering of expert tensors for
-checkpoints (``expert_parallel``), and the Lightning hooks that wire it into a run (``lightning``).
+checkpoints (``expert_parallel``), the Lightning hooks that wire it into a run (``lightning``), and load-balancing
+statistics over the data-parallel world (``load_balance``).
 
 May import: torch (``torch.distributed``), ``moe_variants.model``; Lightning only in ``lightning``.
 """

@@ -24,10 +24,13 @@ own ``L_r`` only:
   rank's tokens: ``sum_r dL_r/dW_s``. It must not be averaged across the EP group (the ranks hold different
   experts) and it is already a sum over ranks, so it is divided by W to get the target.
 
-With hybrid parallelism (world = D replicas x an EP group of W), expert grads are divided by W and then
-averaged over the D ranks holding the same experts (``expert_replica_group``); dense grads are averaged over
-the whole world. If ranks hold different numbers of labelled tokens, the per-rank mean losses are weighted
-equally, exactly as with plain DDP.
+Hybrid EP x DP (:func:`expert_parallel_groups`): world = D x W ranks; EP group d is the W consecutive ranks
+``[d*W, (d+1)*W)`` and holds every expert once; the replica group of EP rank s is the D ranks ``s, s+W, ...``
+that hold the same experts. Every rank still gets its own batch shard (global batch = D x W shards). Expert
+grads are divided by W (the sum over the EP group's tokens) and then averaged over the replica group
+(``expert_replica_group``): ``(1/D) sum_d (1/W) sum_{r in d}`` is the mean over all D*W ranks; dense grads are
+averaged over the whole world. If ranks hold different numbers of labelled tokens, the per-rank mean losses are
+weighted equally, exactly as with plain DDP.
 
 Only the exchange of per-expert group sizes syncs with the host (the row split sizes of the all-to-all must
 be Python ints); everything else stays on the device.
@@ -181,6 +184,30 @@ class AllToAllDispatcher:
         return self._local.combine(y_sorted, weights_TK, d)
 
 
+def expert_parallel_groups(ep_size: int) -> tuple[Any, Any]:
+    """This rank's (EP group, expert replica group) for world = D x ``ep_size`` (see the module docstring): EP
+    groups of ``ep_size`` consecutive ranks, replica groups of the D ranks with the same EP rank. ``ep_size`` =
+    world: (the world, None), no new group. A collective: every rank of the world calls it, in the same order.
+    Raises ``ValueError`` naming the fix when ``ep_size`` does not divide the world."""
+    world = dist.get_world_size()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(
+            f"expert-parallel size {ep_size} does not divide the {world} processes (world = data-parallel "
+            f"replicas x EP size): choose an EP size dividing {world} (e.g. {_divisors(world)}) or launch a "
+            f"multiple of {ep_size} processes"
+        )
+    if ep_size == world:
+        return dist.group.WORLD, None
+    replicas = world // ep_size
+    # new_subgroups_by_enumeration creates every listed group on every rank (as new_group must be) and returns
+    # the one holding this rank
+    ep_group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(d * ep_size, (d + 1) * ep_size)) for d in range(replicas)])
+    replica_group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(s, world, ep_size)) for s in range(ep_size)])
+    return ep_group, replica_group
+
+
 # -- applying EP to a model ----------------------------------------------------------------------------------
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MoE)]
@@ -194,14 +221,17 @@ def ep_group_of(model: nn.Module) -> tuple[Any, int, int]:
     return None, 1, 0
 
 
-def apply_expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, group: Any = None, dispatcher: type | None = None) -> nn.Module:
     """Make ``model`` (the full model, initialised identically on every rank: same seed) this rank's EP model,
     in place: each MoE layer keeps experts ``[rank*E/W, (rank+1)*E/W)`` of the EP ``group`` (default: the
     world) and dispatches with :class:`AllToAllDispatcher`. Returns ``model``.
 
     Slicing a full initialisation keeps EP runs bit-identical to single-process ones at step 0; the full expert
     weights exist briefly on every rank (build on CPU first for models whose experts do not fit one GPU).
+    ``dispatcher``: an ``AllToAllDispatcher`` class (default it; ``dedup.OneCopyPerRankDispatcher`` sends a token
+    once per destination rank).
     """
+    dispatcher = dispatcher or AllToAllDispatcher
     group = group if group is not None else dist.group.WORLD
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = moe_layers(model)
@@ -219,7 +249,7 @@ def apply_expert_parallel(model: nn.Module, group: Any = None) -> nn.Module:
             local.w2.copy_(full.w2[lo:hi])
         local.train(full.training)
         moe.experts = local
-        moe.dispatcher = AllToAllDispatcher(group, full.num_experts)
+        moe.dispatcher = dispatcher(group, full.num_experts)
     return model
 
 

@@ -2,18 +2,22 @@
 
 ``ExpertParallelHooks`` is mixed into ``training.lit.LitMoE`` (it expects ``self.model``, a ``Transformer``,
 ``self.expert_parallel``, the EP size W, and ``self._param_groups()``, the optimizer's parameter order). Under
-Lightning's DDP strategy with W processes (``conf/parallel``, ``expert_parallel=W > 1``):
+Lightning's DDP strategy with D x W processes (``conf/parallel``, ``ep_size=W > 1``; D = 1 is EP over the whole
+world, D > 1 hybrid EP x DP: EP groups of W consecutive ranks, see ``expert_parallel.expert_parallel_groups``):
 
 - ``configure_model`` (the process group exists, the model is still the full, identically seeded one on every
-  rank, DDP does not wrap it yet): keep this rank's E/W experts, swap in the all-to-all dispatcher, and tell
-  DDP to leave the expert parameters alone (no broadcast at wrap time, no gradient averaging);
-- ``on_before_optimizer_step``: expert grads / W (see the maths in ``expert_parallel``). Once per optimizer
-  step, not per backward, so gradient accumulation stays exact;
+  rank, DDP does not wrap it yet): create the EP and replica groups, keep this rank's E/W experts, swap in the
+  all-to-all dispatcher, and tell DDP to leave the expert parameters alone (no broadcast at wrap time, no
+  gradient averaging: DDP averages the dense grads over the whole world);
+- ``on_before_optimizer_step``: expert grads / W, then averaged over the D replicas (see the maths in
+  ``expert_parallel``). Once per optimizer step, not per backward, so gradient accumulation stays exact;
 - ``configure_gradient_clipping``: EP-aware global-norm clipping (per-rank norms would make replicas drift);
 - ``gather_expert_checkpoint`` / ``shard_expert_checkpoint`` (called from the module's checkpoint hooks):
   checkpoints hold full (gathered) expert tensors, for the weights *and* the optimizer state, and are re-sharded
-  for the current EP size on load, so a run saved with EP=2 resumes with EP=1 (or 4, ...) with its exact
-  optimizer state and loads anywhere with ``training.build.load_model``.
+  for the current EP size on load, so a run saved with EP=2 resumes with EP=1 (or 4, or 2 x 2 replicas, ...)
+  with its exact optimizer state and loads anywhere with ``training.build.load_model``. Each EP group gathers
+  within itself (the replicas hold identical experts and optimizer state); rank 0's copy is the one written,
+  and on load every rank slices its EP rank's experts out of the full tensors.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from moe_variants.parallel.expert_parallel import (
     apply_expert_parallel,
     clip_grad_norm_,
     ep_group_of,
+    expert_parallel_groups,
     expert_parameter_names,
     expert_parameters,
     gather_expert_dim,
@@ -45,6 +50,9 @@ EP_KEY = "moe_variants_expert_parallel"  # {"ep_size", "num_experts", "full": Tr
 class ExpertParallelHooks:
     """Lightning hooks for expert parallelism; a no-op unless ``self.expert_parallel > 1``."""
 
+    expert_replica_group: Any = None  # the ranks holding this rank's experts (hybrid EP x DP); None: no replicas
+    ep_dispatcher: type | None = None  # an AllToAllDispatcher class (None: AllToAllDispatcher)
+
     @property
     def ep_active(self) -> bool:
         """Whether this module's model is expert-parallel (after ``configure_model``)."""
@@ -52,9 +60,10 @@ class ExpertParallelHooks:
         return ep_group_of(self.model)[1] > 1
 
     def configure_model(self) -> None:
-        """Shard the experts over the world (``expert_parallel`` > 1). Lightning calls this once the process
-        group exists and before DDP wraps the module; later calls (``trainer.validate`` after ``fit``) find the
-        model already sharded and do nothing."""
+        """Shard the experts over this rank's EP group of ``expert_parallel`` ranks (> 1; the world or, for
+        hybrid EP x DP, ``world / expert_parallel`` groups). Lightning calls this once the process group exists and
+        before DDP wraps the module; later calls (``trainer.validate`` after ``fit``) find the model already
+        sharded and do nothing."""
         if self.expert_parallel == 1 or self.ep_active:
             return
 
@@ -63,18 +72,12 @@ class ExpertParallelHooks:
             raise ValueError(
                 f"expert_parallel={W} needs {W} processes under trainer=ddp (no process group is initialised): "
                 f"run with trainer=ddp trainer.devices={W} (or torchrun --nproc-per-node {W}), or "
-                f"parallel.expert_parallel=1"
-            )
-        world = dist.get_world_size()
-        if world != W:
-            raise ValueError(
-                f"parallel.expert_parallel={W} but the DDP world has {world} processes: expert parallelism spans "
-                f"the whole world (hybrid EP x DP is not wired into the Lightning path); set "
-                f"parallel.expert_parallel={world} or launch {W} processes"
+                f"parallel.ep_size=1"
             )
         local_expert_range(self.model.args.num_experts, W, 0)  # num_experts % W: the error names the fix
         self._check_identical_experts()
-        apply_expert_parallel(self.model)
+        group, self.expert_replica_group = expert_parallel_groups(W)  # world % W: the error names the fix
+        apply_expert_parallel(self.model, group, dispatcher=self.ep_dispatcher)
         # DDP must neither broadcast rank 0's shard over the others at wrap time nor average expert grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, expert_parameter_names(self.model, prefix="model.")
@@ -107,7 +110,8 @@ class ExpertParallelHooks:
         for p in expert_parameters(self.model):
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
-        scale_expert_grads(self.model)  # DDP averaged the dense grads; expert grads are sums over ranks -> / W
+        # DDP averaged the dense grads; expert grads are sums over the EP group -> / W, then mean over the replicas
+        scale_expert_grads(self.model, self.expert_replica_group)
 
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -196,7 +200,7 @@ class ExpertParallelHooks:
                         f"optimizer state {k!r} of expert parameter #{i} has shape {tuple(v.shape)}, expected the "
                         f"full ({E}, {', '.join(map(str, p.shape[1:]))}) (checkpoint saved with ep_size={saved}, "
                         f"this run uses ep_size={W}): the checkpoint holds per-rank optimizer shards, not written "
-                        f"by LitMoE.on_save_checkpoint; resume it with its own parallel.expert_parallel and world size"
+                        f"by LitMoE.on_save_checkpoint; resume it with its own parallel.ep_size and world size"
                     )
                 new[k] = v[lo:hi].clone() if W > 1 else v
             opt_state["state"][i] = new

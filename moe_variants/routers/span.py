@@ -45,7 +45,7 @@ class SpanHeadRouter(Router):
         logits = hold(self.gate(x).float(), first, ctx.state(self.layer_idx), "logits")  # (B, S, E) at span starts
         expert_ids, weights, probs = topk_gate(logits, self.top_k)
         aux = {
-            "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1)),
+            "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1), self.balance_group()),
             "z_loss": z_loss(logits.flatten(0, 1)),
         }
         return RouterOutput(expert_ids=expert_ids, weights=weights, logits=logits, aux_losses=aux)

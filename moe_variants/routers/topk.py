@@ -50,7 +50,7 @@ class TopKRouter(Router):
                                                 self.selection_bias())
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         aux = {
-            "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1)),
+            "load_balance": load_balance_loss(probs.flatten(0, 1), expert_ids.flatten(0, 1), self.balance_group()),
             "z_loss": z_loss(logits.flatten(0, 1)),
         }
         return RouterOutput(expert_ids=expert_ids, weights=weights, logits=logits, aux_losses=aux)

@@ -5,7 +5,7 @@ the fix: K > E, ``data.seq_len > model.max_seq_len``, tokenizer vocabulary != ``
 rate <= 0, a negative or non-finite ``router_lr_scale``, a ``ckpt_path`` whose config differs from the current one in
 what is trained (model, router, experts, optimizer, schedule, loss, data, seed: ``checkpoint.TRAINING_KEYS``) unless
 ``resume_allow_changes`` names the keys, and an expert-parallel size (``conf/parallel``) that does not divide
-``model.num_experts`` or does not match the trainer's process count. A refused run writes nothing into its run
+``model.num_experts`` or the trainer's process count. A refused run writes nothing into its run
 dir: the run dir is claimed (and Hydra's ``.hydra/`` files written into it) only after the checks.
 """
 
@@ -31,6 +31,7 @@ from moe_variants import paths
 from moe_variants.model.args import ModelArgs
 from moe_variants.model.transformer import Transformer
 from moe_variants.parallel.expert_parallel import local_expert_range
+from moe_variants.parallel.load_balance import check_load_balance_scope
 from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.resources import FROM_CHECKPOINT, RoutingResources, bind_resources
 from moe_variants.training.callbacks import BiasBalancing
@@ -172,6 +173,7 @@ def check_config(cfg: DictConfig) -> ModelArgs:
             stacklevel=2,
         )
     check_router_lr_scale(cfg.get("router_lr_scale", 1.0))
+    check_load_balance_scope(cfg.get("load_balance_scope", "local"))
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     if max_steps is not None and max_steps <= 0:
         raise ValueError(f"trainer.max_steps={max_steps}: runs are counted in optimizer steps, set it > 0")
@@ -179,18 +181,36 @@ def check_config(cfg: DictConfig) -> ModelArgs:
 
 
 def expert_parallel_size(cfg: DictConfig) -> int | str:
-    """``parallel.expert_parallel``: an int >= 1 or ``"world"`` (every process of the run); 1 without the group."""
-    ep = (cfg.get("parallel") or {}).get("expert_parallel", 1)
+    """The EP group size: ``parallel.ep_size``, an int >= 1 or ``"world"`` (every process of the run); 1 without
+    the group. ``parallel.expert_parallel`` is its former name and, when set, means the same; set both to
+    different sizes and the run is refused (``ep_size`` 1 and ``"world"`` are the groups' defaults, which the old
+    spelling overrides)."""
+    parallel = cfg.get("parallel") or {}
+    ep, old = parallel.get("ep_size", 1), parallel.get("expert_parallel")
+    key = "ep_size"
+    if old is not None:
+        if ep not in (1, "world", old):
+            raise ValueError(
+                f"parallel.ep_size={ep} and parallel.expert_parallel={old} (its former name) disagree: set only "
+                f"parallel.ep_size"
+            )
+        ep, key = old, "expert_parallel"
     if ep == "world":
         return ep
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"parallel.expert_parallel must be an int >= 1 or 'world', got {ep!r}")
+        raise ValueError(f"parallel.{key} must be an int >= 1 or 'world', got {ep!r}")
     return ep
 
 
-def check_expert_parallel(ep: int | str, args: ModelArgs, trainer: Any) -> int:
-    """The EP size for this trainer (``"world"`` resolved); EP needs Lightning's DDP strategy with exactly EP
-    processes (expert parallelism over the whole world; hybrid EP x DP is not wired into this path)."""
+def expert_parallel_key(cfg: DictConfig) -> str:
+    """The spelling this config sets the EP size with (``ep_size``, or its former name ``expert_parallel``), for
+    error messages."""
+    return "expert_parallel" if (cfg.get("parallel") or {}).get("expert_parallel") is not None else "ep_size"
+
+
+def check_expert_parallel(ep: int | str, args: ModelArgs, trainer: Any, key: str = "ep_size") -> int:
+    """The EP size for this trainer (``"world"`` resolved); EP needs Lightning's DDP strategy and a process count
+    that is a multiple of the EP size (world = data-parallel replicas x EP size)."""
     processes = int(trainer.num_devices) * int(trainer.num_nodes)
     ep = processes if ep == "world" else int(ep)
     if ep == 1:
@@ -199,15 +219,15 @@ def check_expert_parallel(ep: int | str, args: ModelArgs, trainer: Any) -> int:
     strategy = trainer.strategy
     if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
         raise ValueError(
-            f"parallel.expert_parallel={ep} runs under Lightning's DDP strategy only (got "
-            f"{type(strategy).__name__}): use trainer=ddp, or parallel.expert_parallel=1 with this trainer"
+            f"parallel.{key}={ep} runs under Lightning's DDP strategy only (got "
+            f"{type(strategy).__name__}): use trainer=ddp, or parallel.{key}=1 with this trainer"
         )
-    if ep != processes:
+    if processes % ep:
+        fits = [d for d in range(2, processes + 1) if processes % d == 0 and args.num_experts % d == 0]
         raise ValueError(
-            f"parallel.expert_parallel={ep} but the trainer runs {processes} processes (trainer.devices x "
-            f"trainer.num_nodes = {trainer.num_devices} x {trainer.num_nodes}): expert parallelism spans every "
-            f"process (hybrid EP x DP is not supported in the Lightning path); set trainer.devices={ep} (one node) "
-            f"or parallel.expert_parallel={processes}"
+            f"parallel.{key}={ep} but the trainer runs {processes} processes (trainer.devices x trainer.num_nodes "
+            f"= {trainer.num_devices} x {trainer.num_nodes}), not a multiple of it (world = data-parallel replicas "
+            f"x EP size): set trainer.devices={ep} (or a multiple, one node) or parallel.{key} to one of {fits or [1]}"
         )
     return ep
 
@@ -488,8 +508,10 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         domains=list(getattr(datamodule, "domains", ["all"])),
         config=config,
         # the full model is built (same seed) on every rank; LitMoE.configure_model shards its experts
-        expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer),
+        expert_parallel=check_expert_parallel(expert_parallel_size(cfg), args, trainer, expert_parallel_key(cfg)),
         router_lr_scale=cfg.get("router_lr_scale", 1.0),
+        load_balance_scope=cfg.get("load_balance_scope", "local"),
+        one_copy_per_rank=bool((cfg.get("parallel") or {}).get("one_copy_per_rank", False)),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))

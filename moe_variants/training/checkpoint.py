@@ -25,11 +25,11 @@ CONFIG_KEY = "moe_variants_config"  # where the resolved run config lives in a c
 MODEL_SECTIONS = ("model", "router", "experts")  # what must match for weights to mean the same thing
 # what else defines what a resumed run trains (dotted keys: a section or one value); the stop step
 # (trainer.max_steps) is not among them: the LR schedule's horizon is scheduler.total_steps
-TRAINING_KEYS = ("optimizer", "router_lr_scale", "scheduler", "loss", "data", "seed",
+TRAINING_KEYS = ("optimizer", "router_lr_scale", "load_balance_scope", "scheduler", "loss", "data", "seed",
                  "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
                  "trainer.precision")
 # top-level training keys added after checkpoints were written, with the value those checkpoints trained with
-ADDED_KEYS = {"router_lr_scale": 1.0}
+ADDED_KEYS = {"router_lr_scale": 1.0, "load_balance_scope": "local"}
 # num_workers changes how fast, not what, a run trains; batch_size is per process: a resume may move to another
 # number of processes with the same global batch, which training.build.check_global_batch compares instead
 NOT_COMPARED = ("data.num_workers", "data.batch_size")

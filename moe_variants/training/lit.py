@@ -13,13 +13,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from moe_variants.model.losses import compose_loss
 from moe_variants.model.routing import Router
 from moe_variants.model.transformer import RMSNorm, Transformer
+from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
 from moe_variants.parallel.lightning import ExpertParallelHooks
+from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
 
 
@@ -35,6 +38,10 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
     router_lr_scale: the routers' learning rate is the optimizer's x this (``conf/config.yaml``); 0 freezes every
         router at its init (AdamW's decay is scaled by the lr too). Any other value than 1 puts the router
         parameters into parameter groups of their own (see :meth:`_param_groups`).
+    load_balance_scope: ``"local"``: load-balance statistics over each process's tokens; ``"global"``: over all
+        processes' (``parallel.load_balance``), set up in ``configure_model``.
+    one_copy_per_rank: under expert parallelism, send a token once per destination rank
+        (``parallel.dedup.OneCopyPerRankDispatcher``) instead of once per expert.
     """
 
     BLOW_UP = 100.0  # a step that multiplies the largest |weight| by more than this (and past it) has diverged
@@ -49,6 +56,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         config: Mapping[str, Any] | None = None,
         expert_parallel: int = 1,
         router_lr_scale: float = 1.0,
+        load_balance_scope: str = "local",
+        one_copy_per_rank: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -64,6 +73,15 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
         self.router_lr_scale = check_router_lr_scale(router_lr_scale)
+        self.load_balance_scope = check_load_balance_scope(load_balance_scope)
+        self.ep_dispatcher = OneCopyPerRankDispatcher if one_copy_per_rank else None
+
+    def configure_model(self) -> None:
+        """Expert parallelism (``ExpertParallelHooks``), then, with a global load-balance scope and several
+        processes, routers that all-reduce their balance statistics over the world."""
+        super().configure_model()
+        if self.load_balance_scope == "global" and dist.is_available() and dist.is_initialized():
+            use_global_load_balance(self.model)
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""``load_balance_scope=global`` on CPU: 2 processes (gloo) against one process on the whole batch.
+
+A constructed case where the scopes differ with known answers (each rank's tokens all go to one expert, a
+different one per rank: every rank alone is fully imbalanced, the global batch is balanced), then real models
+(top-k and span routers, data-parallel): with the global scope every layer's load-balance loss equals the
+one-process loss on the global batch, and so does every gradient of lm + aux after the data-parallel average.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_parallel import B, batch, build, close
+
+from moe_variants.model.losses import compose_loss, load_balance_loss
+from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
+
+WORLD = 2
+COEF = {"load_balance": 0.5, "z_loss": 0.0}  # a large coefficient: the aux gradient is not lost in the LM's
+
+
+def _constructed_case(rank: int) -> None:
+    E, T = 2, 2  # rank r: 2 tokens, both certain of expert r and sent there
+    probs = torch.zeros(T, E)
+    probs[:, rank] = 1.0
+    probs.requires_grad_(True)
+    ids = torch.full((T, 1), rank)
+    local = load_balance_loss(probs, ids)
+    assert local.item() == pytest.approx(2.0)  # E * f_r * P_r = 2 * 1 * 1: the most imbalanced value
+    glob = load_balance_loss(probs, ids, dist.group.WORLD)
+    assert glob.item() == pytest.approx(1.0)  # f = P = (1/2, 1/2) over the 4 tokens: balanced
+    glob.backward()
+    # one process: d/dprobs = E * f_e / T_all = 2 * 0.5 / 4 = 0.25 per token; this rank's gradient is W x that,
+    # which the data-parallel average over W ranks brings back to 0.25
+    torch.testing.assert_close(probs.grad, torch.full((T, E), 0.5))
+
+
+def _check_router(rank: int, router: str) -> None:
+    ids, labels = batch()
+    rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    ref = build(router)
+    out = ref(ids, labels=labels)
+    ref_lb = [r.aux_losses["load_balance"].detach() for r in out.routing]
+    compose_loss(out.lm_loss, out.routing, COEF)[0].backward()
+
+    local = build(router)
+    local_lb = [r.aux_losses["load_balance"] for r in local(ids[rows], labels=labels[rows]).routing]
+    mean_local = torch.stack(local_lb).detach().clone()
+    dist.all_reduce(mean_local)
+    # the mean of per-rank losses is not the global-batch loss (by ~1e-3 here)
+    assert not torch.allclose(mean_local / WORLD, torch.stack(ref_lb), rtol=1e-4, atol=0), (mean_local, ref_lb)
+
+    model = build(router)
+    assert use_global_load_balance(model) == 2  # one router per layer
+    out = model(ids[rows], labels=labels[rows])
+    for layer, (r, want) in enumerate(zip(out.routing, ref_lb)):
+        close(r.aux_losses["load_balance"], want, f"{router}: load_balance of layer {layer}")
+    compose_loss(out.lm_loss, out.routing, COEF)[0].backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # the data-parallel average
+        close(grad / WORLD, ref_params[name].grad, f"{router}: grad of {name}")
+
+    model.eval()  # eval forwards keep each process's statistics (and run no collective)
+    with torch.no_grad():
+        got = model(ids[rows]).routing[0].aux_losses["load_balance"]
+        close(got, local.eval()(ids[rows]).routing[0].aux_losses["load_balance"], f"{router}: eval scope")
+
+
+def _worker(rank: int, init_method: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
+    try:
+        _constructed_case(rank)
+        for router in ("topk", "span"):
+            _check_router(rank, router)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_load_balance_matches_single_process(tmp_path: Path):
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+
+
+def test_scope_is_checked():
+    assert check_load_balance_scope("global") == "global"
+    with pytest.raises(ValueError, match=r"load_balance_scope='world': choose 'local' .* or 'global'"):
+        check_load_balance_scope("world")
