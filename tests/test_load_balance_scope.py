@@ -16,8 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_parallel import B, batch, build, close
 
+from moe_variants import ModelArgs, Transformer
 from moe_variants.model.losses import compose_loss, load_balance_loss
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
+from moe_variants.routers.topk import TopKRouter
 
 WORLD = 2
 COEF = {"load_balance": 0.5, "z_loss": 0.0}  # a large coefficient: the aux gradient is not lost in the LM's
@@ -85,6 +87,41 @@ def _worker(rank: int, init_method: str) -> None:
 
 def test_global_load_balance_matches_single_process(tmp_path: Path):
     mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+
+
+def _compiled_worker(rank: int, init_method: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64,
+                                      num_experts=4, num_experts_per_tok=2, max_seq_len=16),
+                            router=TopKRouter, experts="grouped").to(torch.bfloat16)  # the GPU path's experts
+        use_global_load_balance(model)
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+
+        def lb_and_grads(m):
+            model.zero_grad()
+            lb = m(ids, labels=ids).routing[0].aux_losses["load_balance"]
+            lb.backward()
+            # (a parameter the loss does not reach: None eagerly, zeros compiled)
+            return lb.detach().float(), [torch.zeros_like(p, dtype=torch.float) if p.grad is None else p.grad.float()
+                                         for p in model.parameters()]
+
+        eager_lb, eager_grads = lb_and_grads(model)
+        compiled_lb, compiled_grads = lb_and_grads(torch.compile(model, fullgraph=True))  # no graph break
+        torch.testing.assert_close(compiled_lb, eager_lb, atol=1e-3, rtol=1e-2)
+        for got, want in zip(compiled_grads, eager_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=4e-3, rtol=2e-2)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_global_scope_compiles_to_one_graph(tmp_path: Path):
+    """The all-reduce of the statistics traces into the compiled graph (the GPU path runs compiled): same loss and
+    gradients as eager."""
+    mp.spawn(_compiled_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
 
 
 def test_scope_is_checked():
