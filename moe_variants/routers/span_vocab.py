@@ -112,7 +112,7 @@ class VocabRouter(Router):
 
     def token_expert_ids(self, ctx: RoutingContext) -> torch.Tensor:
         """(B, S, K) the table's experts of every token's routing id, held as :meth:`decide` holds them: the
-        routing itself when ``learned_top == 0``."""
+        routing itself (only when ``learned_top == 0``: ``ids_from_tokens``)."""
         if not self.ids_from_tokens:
             raise NotImplementedError(f"{self.describe()} routes its learned_top most frequent routing ids by a "
                                       f"learned gate: ids_from_tokens is False")
