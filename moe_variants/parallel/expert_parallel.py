@@ -242,17 +242,17 @@ def plan_dispatch(model: Transformer, ctx: RoutingContext) -> list[SplitPlan] | 
     """
     layers = [block.feed_forward for block in model.layers]
     kind, group = type(layers[0].dispatcher), getattr(layers[0].dispatcher, "group", None)
-    if (ctx.router_state is not None or model.args.capacity_factor is not None
-            or not issubclass(kind, AllToAllDispatcher)
-            or not all(type(m.dispatcher) is kind and m.dispatcher.group is group and m.router.ids_from_tokens
-                       for m in layers)):
+    if ctx.router_state is not None or not issubclass(kind, AllToAllDispatcher) or not all(
+            type(m.dispatcher) is kind and m.dispatcher.group is group and m.router.ids_from_tokens
+            and m.capacity_factor is None for m in layers):
         return None
     with torch.no_grad():
         T = ctx.token_ids.numel()
         sent = torch.stack([m.dispatcher.send_counts(m.router.token_expert_ids(ctx).reshape(T, -1))
                             for m in layers])  # (layers, W, c)
-        recv_WLc = torch.empty_like(sent.transpose(0, 1).contiguous())  # by source rank: all_to_all splits dim 0
-        dist.all_to_all_single(recv_WLc, sent.transpose(0, 1).contiguous(), group=group)
+        send_WLc = sent.transpose(0, 1).contiguous()  # all_to_all_single splits dim 0: by destination rank
+        recv_WLc = torch.empty_like(send_WLc)  # by source rank
+        dist.all_to_all_single(recv_WLc, send_WLc, group=group)
         received = recv_WLc.transpose(0, 1)  # (layers, W, c)
         # the one host sync of the forward
         sizes = torch.stack([kind.split_sizes(s, r) for s, r in zip(sent, received)]).tolist()
