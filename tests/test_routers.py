@@ -116,6 +116,28 @@ def test_router_rebuilds_from_a_checkpoint_without_the_corpus(name, overrides):
         torch.testing.assert_close(x.weights, y.weights)
 
 
+TOKEN_ID_ROUTERS = ("hash", "span_first_piece", "span_prefix", "span_whole_word")  # without learned_top
+
+
+@pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
+def test_token_id_routers_give_their_expert_ids_before_the_layers_run(name, overrides):
+    """Exactly the table routers (hash, routing vocabularies without a learned share) declare ``ids_from_tokens``,
+    and their ``token_expert_ids`` of the routing context alone are the ids their forward returns (expert
+    parallelism plans every layer's split sizes from them)."""
+    overrides = {**overrides, **({} if is_causal(name, overrides) else LOOKAHEAD)}
+    model = build(name, overrides, num_experts_per_tok=3)
+    from_tokens = name in TOKEN_ID_ROUTERS and not overrides.get("learned_top")
+    assert [r.ids_from_tokens for r in model.routers] == [from_tokens] * AUDIT_ARGS["n_layers"]
+    ids = torch.randint(0, AUDIT_ARGS["vocab_size"], (3, 21))
+    ctx = RoutingContext(history_ids=ids, positions=torch.arange(21).expand(3, 21))
+    for router, routing in zip(model.routers, model(ids).routing):
+        if from_tokens:
+            assert torch.equal(router.token_expert_ids(ctx), routing.expert_ids)
+        else:
+            with pytest.raises(NotImplementedError, match="ids_from_tokens is False"):
+                router.token_expert_ids(ctx)
+
+
 # The look-ahead audit of every config (causal ones pass, look-ahead ones fail): tests/test_audit.py.
 @pytest.mark.parametrize("name", LOOKAHEAD_CONFIGS)
 def test_lookahead_router_configs_refuse_and_are_labelled(name):

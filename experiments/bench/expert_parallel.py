@@ -63,6 +63,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--one-copy-per-rank", action="store_true",
                    help="dispatch with parallel.dedup.OneCopyPerRankDispatcher: a token's hidden state travels once "
                         "per destination rank, not once per expert (parallel.one_copy_per_rank=true in moe-train)")
+    p.add_argument("--per-layer-splits", action="store_true",
+                   help="exchange the split sizes in every MoE layer even for routers that route by token ids "
+                        "(default: once per forward for them, parallel.expert_parallel.plan_dispatch)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the EP run, profile N more steps (torch.profiler): profile_ep_rank<r>.txt per rank")
     a = p.parse_args(argv)
@@ -122,6 +125,8 @@ def build(cfg: Any, a: argparse.Namespace, resources: Any, dev: torch.device, ep
     model = build_model(cfg, resources=resources)
     if ep:  # slices the same full init on every rank
         parallel.apply_expert_parallel(model, dispatcher=OneCopyPerRankDispatcher if a.one_copy_per_rank else None)
+        if a.per_layer_splits:
+            model.dispatch_planner = None
     return model.to(dev).train()
 
 
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             else platform.processor(), "torch": torch.__version__, "overrides": overrides,
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
-            "compile": a.compile, "ddp": a.ddp, "one_copy_per_rank": a.one_copy_per_rank, "loss": a.loss,
+            "compile": a.compile, "ddp": a.ddp, "one_copy_per_rank": a.one_copy_per_rank,
+            "per_layer_splits": a.per_layer_splits, "loss": a.loss,
             "single": single, "ep": ep,
             "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],

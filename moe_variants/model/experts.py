@@ -115,9 +115,11 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, counts: torch.Tensor | None = None,
-                 keep_TK: torch.Tensor | None = None) -> Dispatched:
+                 keep_TK: torch.Tensor | None = None, plan: object = None) -> Dispatched:
         """``counts``: :func:`expert_counts` of the kept copies when the caller has them already. ``keep_TK``:
-        (T, K) bool, False for copies that no expert computes (sorted last, after every expert's group)."""
+        (T, K) bool, False for copies that no expert computes (sorted last, after every expert's group).
+        ``plan``: ignored (expert-parallel dispatchers take split sizes planned for the forward; one device
+        exchanges none)."""
         K = expert_ids_TK.shape[1]
         if keep_TK is not None:
             expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, self.num_experts)  # id E: after every group

@@ -55,6 +55,8 @@ class RoutingContext:
         positions: (B, S) int64 absolute positions of the current chunk.
         router_state: per-layer dicts that routers use to carry decisions across decoding steps
             (None outside incremental decoding).
+        dispatch_plans: per-layer split sizes that an expert-parallel model planned for this forward before the
+            layers ran (``Transformer.dispatch_planner``); None: every layer's dispatcher plans its own.
     """
 
     def __init__(
@@ -62,11 +64,13 @@ class RoutingContext:
         history_ids: torch.Tensor,
         positions: torch.Tensor,
         router_state: list[dict[str, Any]] | None = None,
+        dispatch_plans: list[Any] | None = None,
     ) -> None:
         self.history_ids = history_ids
         self.positions = positions
         self.seq_len = positions.shape[1]
         self.router_state = router_state
+        self.dispatch_plans = dispatch_plans
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -84,6 +88,12 @@ class RoutingContext:
         if self.router_state is None:
             return None
         return self.router_state[layer_idx]
+
+    def dispatch_plan(self, layer_idx: int) -> Any:
+        """This layer's planned dispatch split sizes (None when not planned)."""
+        if self.dispatch_plans is None:
+            return None
+        return self.dispatch_plans[layer_idx]
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ class Router(nn.Module):
             with ``resources=`` (see ``moe_variants.routers.resources``); everything such a router derives from
             them is a buffer, so a checkpoint rebuilds it without the corpus.
         load_balance_group: see :meth:`balance_group`.
+        ids_from_tokens: True for routers whose expert ids follow from the token ids alone (never from the hidden
+            states): :meth:`token_expert_ids` gives them before any layer runs, so that an expert-parallel model
+            exchanges every layer's split sizes at once (``parallel.expert_parallel.plan_dispatch``).
     """
 
     causal: bool = True
@@ -117,6 +130,7 @@ class Router(nn.Module):
     # a data-parallel process group: routers that report ``load_balance`` compute its statistics over every rank
     # of it in training (``parallel.load_balance.use_global_load_balance``); None: over this process's tokens
     load_balance_group: Any = None
+    ids_from_tokens: bool = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
@@ -132,6 +146,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def token_expert_ids(self, ctx: RoutingContext) -> torch.Tensor:
+        """(B, S, K) int64 expert ids of the current chunk from ``ctx`` alone, exactly those ``forward`` returns;
+        only for routers with ``ids_from_tokens``, outside incremental decoding (``ctx.router_state`` None)."""
+        raise NotImplementedError(f"{type(self).__name__} routes by its hidden states: ids_from_tokens is False")
 
     def balance_group(self) -> Any:
         """The process group to compute load-balance statistics over (pass it to ``losses.load_balance_loss``):

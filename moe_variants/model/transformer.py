@@ -9,6 +9,7 @@ RoPE uses the HF "rotate half" layout so that HF checkpoints load without permut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +142,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(B * S, D)
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: cast once, before the copies are made and moved
         keep = None if routing.dropped is None else ~routing.dropped.reshape(B * S, K)
-        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K), keep_TK=keep)
+        plan = ctx.dispatch_plan(self.router.layer_idx)  # split sizes planned before the layers ran, or None
+        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K), keep_TK=keep, plan=plan)
         y = self.experts(d.x, d.tokens_per_expert)
         out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
         if self.shared_experts is not None:
@@ -228,7 +230,13 @@ class Transformer(nn.Module):
         activation_checkpointing: in training (``model.train()``, grad enabled, no KV cache), keep only each
             block's inputs and recompute its activations in backward (non-reentrant ``torch.utils.checkpoint``):
             less activation memory for about one more forward pass; results and gradients are unchanged.
+
+    ``dispatch_planner`` (set by ``parallel.expert_parallel.apply_expert_parallel``): called as
+    ``planner(model, ctx)`` at the start of every forward outside incremental decoding; it returns every layer's
+    dispatch split sizes (``RoutingContext.dispatch_plans``) when it can tell them before the layers run, else None.
     """
+
+    dispatch_planner: Callable[[Transformer, RoutingContext], list[Any] | None] | None = None
 
     def __init__(
         self,
@@ -325,6 +333,8 @@ class Transformer(nn.Module):
         ctx = RoutingContext(
             history_ids=history, positions=positions.expand(B, S), router_state=cache.router_state if cache else None,
         )
+        if self.dispatch_planner is not None and cache is None:
+            ctx.dispatch_plans = self.dispatch_planner(self, ctx)
         h = self.tok_embeddings(input_ids)
         cos, sin = self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype)
         routing = []

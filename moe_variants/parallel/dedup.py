@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moe_variants.model.experts import Dispatched, expert_counts, inverse_permutation, permute_rows
-from moe_variants.parallel.expert_parallel import AllToAllDispatcher, _all_to_all
+from moe_variants.parallel.expert_parallel import AllToAllDispatcher, SplitPlan, _all_to_all, _check_plan
 
 
 class _ExpandRows(torch.autograd.Function):
@@ -74,22 +74,43 @@ class OneCopyDispatched(Dispatched):
 
 class OneCopyPerRankDispatcher(AllToAllDispatcher):
     """``AllToAllDispatcher`` sending each token once per destination rank (see the module docstring). Same
-    interface; one host sync per dispatch, for the split sizes."""
+    interface; one host sync per dispatch, for the split sizes (none given a ``SplitPlan``)."""
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
-                 ) -> OneCopyDispatched:
+    def _destinations(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(T, K) destination rank of each copy (W: skipped), (T, W) whether a token has copies on each rank."""
         W, L = self.ep_size, self.num_local_experts
-        T, K = expert_ids_TK.shape
         dest_TK = expert_ids_TK // L
         if keep_TK is not None:  # skipped copies go to rank "W": nowhere
             dest_TK = dest_TK.masked_fill(~keep_TK, W)
-        has_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=x_TD.device).scatter_(1, dest_TK, True)[:, :W]
-        send = torch.stack([has_TW.sum(0), expert_counts(dest_TK, W + 1)[:W]], 1)  # (W, 2): rows, copies per rank
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        has_TW = torch.zeros(dest_TK.shape[0], W + 1, dtype=torch.bool, device=dest_TK.device)
+        return dest_TK, has_TW.scatter_(1, dest_TK, True)[:, :W]
+
+    def _counts(self, dest_TK: torch.Tensor, has_TW: torch.Tensor) -> torch.Tensor:
+        return torch.stack([has_TW.sum(0), expert_counts(dest_TK, self.ep_size + 1)[: self.ep_size]], 1)
+
+    def send_counts(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """(W, 2): (token, rank) rows and copies this rank sends to each rank."""
+        return self._counts(*self._destinations(expert_ids_TK, keep_TK))
+
+    @staticmethod
+    def split_sizes(sent: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """(4, W): rows sent, copies sent, rows received, copies received, per rank."""
+        return torch.cat([sent, received], 1).T
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
+                 plan: SplitPlan | None = None) -> OneCopyDispatched:
+        W, L = self.ep_size, self.num_local_experts
+        T, K = expert_ids_TK.shape
+        dest_TK, has_TW = self._destinations(expert_ids_TK, keep_TK)
+        if plan is None:
+            send = self._counts(dest_TK, has_TW)  # (W, 2)
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=self.group)
+        else:
+            _check_plan(plan, keep_TK)
         order = dest_TK.flatten().argsort(stable=True)  # copies by destination, then token (the return order)
         rank_TW = torch.arange(W, device=x_TD.device).expand(T, W)
-        splits = torch.cat([send, recv], 1).T.tolist()  # the one host sync
+        splits = self.split_sizes(send, recv).tolist() if plan is None else plan.sizes  # the one host sync
         send_splits, copy_splits, recv_splits, recv_copy_splits = splits
 
         # rows to send: the (token, rank) pairs, by rank then token; x_send[p] = x_TD[token of p]

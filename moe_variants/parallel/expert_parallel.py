@@ -33,7 +33,9 @@ averaged over the whole world. If ranks hold different numbers of labelled token
 weighted equally, exactly as with plain DDP.
 
 Only the exchange of per-expert group sizes syncs with the host (the row split sizes of the all-to-all must
-be Python ints); everything else stays on the device.
+be Python ints); everything else stays on the device. With routers that route by token ids alone (hash and
+routing-vocabulary tables) :func:`plan_dispatch` exchanges every layer's counts at the start of the forward:
+one exchange and one host sync per forward instead of one per layer.
 
 Shape legend: T tokens on this rank, K experts per token, N = T*K routed copies, D model dim, E experts,
 W EP group size, L = E / W local experts, R rows received by this rank.
@@ -42,6 +44,7 @@ W EP group size, L = E / W local experts, R rows received by this rank.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +62,8 @@ from moe_variants.model.experts import (
     inverse_permutation,
     permute_rows,
 )
-from moe_variants.model.transformer import MoE
+from moe_variants.model.routing import RoutingContext
+from moe_variants.model.transformer import MoE, Transformer
 
 EXPERT_KEY = re.compile(r"(^|\.)experts\.(w13|w2)$")  # state-dict keys of expert weights (any prefix)
 
@@ -122,6 +126,17 @@ class AllToAllDispatched(Dispatched):
     recv_splits: list[int]  # rows received from each rank
 
 
+@dataclass
+class SplitPlan:
+    """One layer's exchanged counts and all-to-all split sizes, known before its dispatch (:func:`plan_dispatch`).
+    ``sent``/``received``: the dispatcher's (W, c) counts (:meth:`AllToAllDispatcher.send_counts`), row s for /
+    from rank s; ``sizes``: its host split sizes (:meth:`AllToAllDispatcher.split_sizes`)."""
+
+    sent: torch.Tensor
+    received: torch.Tensor
+    sizes: list[list[int]]
+
+
 class AllToAllDispatcher:
     """Dispatch token copies to the ranks holding their experts, combine the results back (same interface as
     ``LocalDispatcher``).
@@ -131,6 +146,8 @@ class AllToAllDispatcher:
     experts), send the rows, regroup the received rows by local expert. combine: undo the regrouping, send the
     rows back, undo the sort and sum each token's K outputs with the router weights. Copies with ``keep_TK``
     False (over capacity, unused slots) are sorted last and never sent; capacity is that of this rank's copies.
+    Given a :class:`SplitPlan` (every layer's counts exchanged at once before the layers ran), dispatch skips
+    the count exchange and the host sync.
     """
 
     def __init__(self, group: Any, num_experts: int) -> None:
@@ -142,28 +159,37 @@ class AllToAllDispatcher:
         self.num_local_experts = hi - lo
         self._local = LocalDispatcher(num_experts)  # sort by global expert; unsort + weighted sum
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
-                 ) -> AllToAllDispatched:
-        W, L = self.ep_size, self.num_local_experts
+    def send_counts(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """(W, L) copies this rank sends to each local expert of each rank: row s is what rank s receives."""
         if keep_TK is None:
             counts_E = expert_counts(expert_ids_TK, self.num_experts)
         else:  # skipped copies (id E) are counted apart and sent nowhere
             counts_E = expert_counts(expert_ids_TK.masked_fill(~keep_TK, self.num_experts), self.num_experts + 1)
             counts_E = counts_E[: self.num_experts]
-        recv_counts = torch.empty_like(counts_E)  # [s*L + l]: rows rank s sends to my local expert l
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
-        # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously and
-        # queue the local sort meanwhile, so that the GPU has work while the host waits and launches the exchange
-        splits = torch.stack([counts_E.view(W, L).sum(1), recv_counts.view(W, L).sum(1)])
-        ready = None
-        if splits.is_cuda:
-            splits = splits.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        d = self._local.dispatch(x_TD, expert_ids_TK, counts_E, keep_TK)  # x (N, D) sorted by global expert
-        if ready is not None:
-            ready.synchronize()
-        send_splits, recv_splits = splits.tolist()
+        return counts_E.view(self.ep_size, self.num_local_experts)
+
+    @staticmethod
+    def split_sizes(sent: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """(2, W): rows sent to and received from each rank, from the (W, L) sent and received counts."""
+        return torch.stack([sent.sum(1), received.sum(1)])
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
+                 plan: SplitPlan | None = None) -> AllToAllDispatched:
+        W, L = self.ep_size, self.num_local_experts
+        if plan is None:
+            sent = self.send_counts(expert_ids_TK, keep_TK)
+            received = torch.empty_like(sent)  # [s, l]: rows rank s sends to my local expert l
+            dist.all_to_all_single(received, sent, group=self.group)
+            # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously
+            # and queue the local sort meanwhile, so that the GPU has work while the host waits and launches the
+            # exchange
+            sizes = _host_list_later(self.split_sizes(sent, received))
+        else:
+            _check_plan(plan, keep_TK)
+            sent, received, sizes = plan.sent, plan.received, (lambda: plan.sizes)
+        recv_counts = received.reshape(W * L)  # [s*L + l]
+        d = self._local.dispatch(x_TD, expert_ids_TK, sent.reshape(W * L), keep_TK)  # x (N, D) by global expert
+        send_splits, recv_splits = sizes()
         x_send = d.x if keep_TK is None else d.x[: sum(send_splits)]  # skipped copies sit after every group
         x_recv = _all_to_all(x_send, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
         R = sum(recv_splits)
@@ -182,6 +208,55 @@ class AllToAllDispatcher:
         if d.keep is not None:  # rows for the skipped copies, masked in combine
             y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(d.order.numel() - y_sorted.shape[0], y_sorted.shape[1])])
         return self._local.combine(y_sorted, weights_TK, d)
+
+
+def _host_list_later(t: torch.Tensor) -> Callable[[], list]:
+    """Start copying ``t`` to the host (asynchronously from a GPU); the returned function waits for the copy and
+    gives ``t.tolist()``."""
+    if not t.is_cuda:
+        return t.tolist
+    host = t.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+
+    def wait() -> list:
+        ready.synchronize()
+        return host.tolist()
+
+    return wait
+
+
+def _check_plan(plan: SplitPlan, keep_TK: torch.Tensor | None) -> None:
+    if keep_TK is not None:
+        raise ValueError("planned split sizes count every routed copy, but this layer drops copies (keep_TK): "
+                         "plan_dispatch must not plan for routers or layers that drop copies")
+
+
+def plan_dispatch(model: Transformer, ctx: RoutingContext) -> list[SplitPlan] | None:
+    """Every MoE layer's split sizes for this forward, with one count exchange and one host sync for all layers
+    (instead of one of each per layer), when each layer's router knows its expert ids from the token ids alone
+    (``Router.ids_from_tokens``) and all layers dispatch with the same kind of all-to-all dispatcher over one
+    group. None (each layer exchanges its own counts) otherwise: learned routers, capacity dropping (copies are
+    dropped after routing), incremental decoding. :func:`apply_expert_parallel` installs it as the model's
+    ``dispatch_planner``; every rank of the EP group must make the same choice, as they all build the same model.
+    """
+    layers = [block.feed_forward for block in model.layers]
+    kind, group = type(layers[0].dispatcher), getattr(layers[0].dispatcher, "group", None)
+    if ctx.router_state is not None or not issubclass(kind, AllToAllDispatcher) or not all(
+            type(m.dispatcher) is kind and m.dispatcher.group is group and m.router.ids_from_tokens
+            and m.capacity_factor is None for m in layers):
+        return None
+    with torch.no_grad():
+        T = ctx.token_ids.numel()
+        sent = torch.stack([m.dispatcher.send_counts(m.router.token_expert_ids(ctx).reshape(T, -1))
+                            for m in layers])  # (layers, W, c)
+        send_WLc = sent.transpose(0, 1).contiguous()  # all_to_all_single splits dim 0: by destination rank
+        recv_WLc = torch.empty_like(send_WLc)  # by source rank
+        dist.all_to_all_single(recv_WLc, send_WLc, group=group)
+        received = recv_WLc.transpose(0, 1)  # (layers, W, c)
+        # the one host sync of the forward
+        sizes = torch.stack([kind.split_sizes(s, r) for s, r in zip(sent, received)]).tolist()
+    return [SplitPlan(sent=s, received=r, sizes=z) for s, r, z in zip(sent, received, sizes)]
 
 
 def expert_parallel_groups(ep_size: int) -> tuple[Any, Any]:
@@ -229,7 +304,8 @@ def apply_expert_parallel(model: nn.Module, group: Any = None, dispatcher: type 
     Slicing a full initialisation keeps EP runs bit-identical to single-process ones at step 0; the full expert
     weights exist briefly on every rank (build on CPU first for models whose experts do not fit one GPU).
     ``dispatcher``: an ``AllToAllDispatcher`` class (default it; ``dedup.OneCopyPerRankDispatcher`` sends a token
-    once per destination rank).
+    once per destination rank). The model's ``dispatch_planner`` becomes :func:`plan_dispatch` (one count exchange
+    per forward for routers that route by token ids; set it to None for one exchange per layer).
     """
     dispatcher = dispatcher or AllToAllDispatcher
     group = group if group is not None else dist.group.WORLD
@@ -250,6 +326,9 @@ def apply_expert_parallel(model: nn.Module, group: Any = None, dispatcher: type 
         local.train(full.training)
         moe.experts = local
         moe.dispatcher = dispatcher(group, full.num_experts)
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            m.dispatch_planner = plan_dispatch
     return model
 
 

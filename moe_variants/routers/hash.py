@@ -67,6 +67,7 @@ class HashRouter(Router):
     """Routes each token by a fixed table keyed on token ids (see the module docstring)."""
 
     needs_resources = True  # the balanced tables count tokens of the training split
+    ids_from_tokens = True  # a table lookup on token ids (a learned gate only weights the chosen experts)
 
     def __init__(
         self, spec: LayerSpec, *, table: str = "random", weights: str = "uniform", seed: int = 0,
@@ -92,8 +93,11 @@ class HashRouter(Router):
             return prev
         return (prev * _BIGRAM_MULT + cur) % self.num_buckets
 
+    def token_expert_ids(self, ctx: RoutingContext) -> torch.Tensor:
+        return self.expert_table[self.keys(ctx)]  # (B, S, K)
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
-        expert_ids = self.expert_table[self.keys(ctx)]  # (B, S, K)
+        expert_ids = self.token_expert_ids(ctx)  # (B, S, K)
         logits = None if self.gate is None else self.gate(x).float()  # weights the hashed experts only
         return RouterOutput(expert_ids=expert_ids, weights=chosen_expert_weights(expert_ids, logits))
 

@@ -80,6 +80,7 @@ class VocabRouter(Router):
         table = random_expert_table(vocab_size + num_buckets, spec.num_experts, spec.top_k,
                                     layer_seed(seed, spec.layer_idx))
         self.register_buffer("expert_table", table)  # (routing ids, K)
+        self.ids_from_tokens = learned_top == 0  # else the gate picks the experts of the most frequent ids
         needs_gate = weights == "learned" or learned_top > 0
         self.gate = torch.nn.Linear(spec.dim, spec.num_experts, bias=False) if needs_gate else None
 
@@ -109,6 +110,14 @@ class VocabRouter(Router):
         """(B, S) routing ids: vocabulary ranks in [0, vocab_size), hashed buckets from vocab_size on."""
         return lookup_routing_ids(self.keys(ctx), self.vocab_hashes, self.vocab_ranks, self.num_buckets)
 
+    def token_expert_ids(self, ctx: RoutingContext) -> torch.Tensor:
+        """(B, S, K) the table's experts of every token's routing id, held as :meth:`decide` holds them: the
+        routing itself (only when ``learned_top == 0``: ``ids_from_tokens``)."""
+        if not self.ids_from_tokens:
+            raise NotImplementedError(f"{self.describe()} routes its learned_top most frequent routing ids by a "
+                                      f"learned gate: ids_from_tokens is False")
+        return self.decide(self.expert_table[self.routing_ids(ctx)], None, ctx)[0]
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         rid = self.routing_ids(ctx)  # (B, S)
         expert_ids = self.expert_table[rid]  # (B, S, K)
@@ -122,8 +131,9 @@ class VocabRouter(Router):
         expert_ids, weights = self.decide(expert_ids, weights, ctx)
         return RouterOutput(expert_ids=expert_ids, weights=weights)
 
-    def decide(self, expert_ids: torch.Tensor, weights: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, ...]:
-        """Per-token decisions as they are (held-decision routers override this)."""
+    def decide(self, expert_ids: torch.Tensor, weights: torch.Tensor | None, ctx: RoutingContext
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token decisions as they are (held-decision routers override this; ``weights`` None: ids only)."""
         return expert_ids, weights
 
     @torch.no_grad()
@@ -164,9 +174,11 @@ class FirstPieceVocabRouter(VocabRouter):
         # capped at one token, the prefix hash at every token is the hash of its span's first piece
         return prefix_hash(ctx.history_ids, self.spans.history_starts(ctx), 1)[:, -ctx.seq_len :]
 
-    def decide(self, expert_ids: torch.Tensor, weights: torch.Tensor, ctx: RoutingContext) -> tuple[torch.Tensor, ...]:
+    def decide(self, expert_ids: torch.Tensor, weights: torch.Tensor | None, ctx: RoutingContext
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         first, state = self.spans.first_in_chunk(ctx), ctx.state(self.layer_idx)
-        return hold(expert_ids, first, state, "expert_ids"), hold(weights, first, state, "weights")
+        held_weights = None if weights is None else hold(weights, first, state, "weights")
+        return hold(expert_ids, first, state, "expert_ids"), held_weights
 
 
 class PrefixVocabRouter(VocabRouter):
