@@ -63,12 +63,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--one-copy-per-rank", action="store_true",
                    help="dispatch with parallel.dedup.OneCopyPerRankDispatcher: a token's hidden state travels once "
                         "per destination rank, not once per expert (parallel.one_copy_per_rank=true in moe-train)")
+    p.add_argument("--overlap", action="store_true",
+                   help="dispatch with parallel.overlap.OverlappedDispatcher: the token exchange runs as point-to-"
+                        "point rounds overlapped with the expert compute (parallel.overlap=true in moe-train; the "
+                        "plain path under --compile)")
     p.add_argument("--per-layer-splits", action="store_true",
                    help="exchange the split sizes in every MoE layer even for routers that route by token ids "
                         "(default: once per forward for them, parallel.expert_parallel.plan_dispatch)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the EP run, profile N more steps (torch.profiler): profile_ep_rank<r>.txt per rank")
     a = p.parse_args(argv)
+    if a.overlap and a.one_copy_per_rank:
+        p.error("--overlap and --one-copy-per-rank are two dispatchers: choose one")
     a.precision = a.precision or ("bf16-mixed" if a.device == "cuda" else "32")
     a.tol = a.tol if a.tol is not None else (2e-2 if a.precision == "bf16-mixed" else 1e-4)
     return a
@@ -119,12 +125,14 @@ def make_data(a: argparse.Namespace, vocab: int) -> tuple[torch.Tensor, torch.Te
 def build(cfg: Any, a: argparse.Namespace, resources: Any, dev: torch.device, ep: bool) -> torch.nn.Module:
     from moe_variants.parallel import expert_parallel as parallel
     from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
+    from moe_variants.parallel.overlap import OverlappedDispatcher
     from moe_variants.training.build import build_model
 
     torch.manual_seed(a.seed)
     model = build_model(cfg, resources=resources)
     if ep:  # slices the same full init on every rank
-        parallel.apply_expert_parallel(model, dispatcher=OneCopyPerRankDispatcher if a.one_copy_per_rank else None)
+        dispatcher = OneCopyPerRankDispatcher if a.one_copy_per_rank else OverlappedDispatcher if a.overlap else None
+        parallel.apply_expert_parallel(model, dispatcher=dispatcher)
         if a.per_layer_splits:
             model.dispatch_planner = None
     return model.to(dev).train()
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_experts": int(cfg.model.num_experts), "batch_size": a.batch_size, "seq_len": a.seq_len,
             "steps": a.steps, "warmup": a.warmup, "seed": a.seed, "lr": a.lr, "precision": a.precision,
             "compile": a.compile, "ddp": a.ddp, "one_copy_per_rank": a.one_copy_per_rank,
-            "per_layer_splits": a.per_layer_splits, "loss": a.loss,
+            "overlap": a.overlap, "per_layer_splits": a.per_layer_splits, "loss": a.loss,
             "single": single, "ep": ep,
             "single_share": single_share,
             "speedup": ep["tokens_per_s"] / single["tokens_per_s"],

@@ -108,7 +108,26 @@ def over_capacity(expert_ids_BSK: torch.Tensor, num_experts: int, capacity_facto
     return over_N.view(S, B, K).transpose(0, 1)
 
 
-class LocalDispatcher:
+class Dispatcher:
+    """A token dispatcher: ``dispatch`` token copies to their experts, ``combine`` the results back. ``run`` is the
+    whole MoE feed-forward (dispatch -> experts -> combine); a dispatcher that interleaves communication with the
+    expert compute (``parallel.overlap``) overrides it."""
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
+                 plan: object = None) -> Dispatched:
+        raise NotImplementedError
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, experts: Experts, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+            keep_TK: torch.Tensor | None = None, plan: object = None) -> torch.Tensor:
+        """(T, D) MoE output: each token's K expert outputs summed with the router weights."""
+        d = self.dispatch(x_TD, expert_ids_TK, keep_TK=keep_TK, plan=plan)
+        return self.combine(experts(d.x, d.tokens_per_expert), weights_TK, d)
+
+
+class LocalDispatcher(Dispatcher):
     """Dispatch and combine on one device (no communication)."""
 
     def __init__(self, num_experts: int) -> None:

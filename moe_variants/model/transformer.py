@@ -143,9 +143,8 @@ class MoE(nn.Module):
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: cast once, before the copies are made and moved
         keep = None if routing.dropped is None else ~routing.dropped.reshape(B * S, K)
         plan = ctx.dispatch_plan(self.router.layer_idx)  # split sizes planned before the layers ran, or None
-        d = self.dispatcher.dispatch(x_TD, routing.expert_ids.reshape(B * S, K), keep_TK=keep, plan=plan)
-        y = self.experts(d.x, d.tokens_per_expert)
-        out = self.dispatcher.combine(y, routing.weights.reshape(B * S, K), d)
+        out = self.dispatcher.run(self.experts, x_TD, routing.expert_ids.reshape(B * S, K),
+                                  routing.weights.reshape(B * S, K), keep_TK=keep, plan=plan)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_TD)
         return out.view(B, S, D), routing

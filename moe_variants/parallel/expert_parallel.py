@@ -56,6 +56,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe_variants.model.experts import (
     Dispatched,
+    Dispatcher,
     Experts,
     LocalDispatcher,
     expert_counts,
@@ -137,7 +138,7 @@ class SplitPlan:
     sizes: list[list[int]]
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """Dispatch token copies to the ranks holding their experts, combine the results back (same interface as
     ``LocalDispatcher``).
 
@@ -176,20 +177,8 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
                  plan: SplitPlan | None = None) -> AllToAllDispatched:
         W, L = self.ep_size, self.num_local_experts
-        if plan is None:
-            sent = self.send_counts(expert_ids_TK, keep_TK)
-            received = torch.empty_like(sent)  # [s, l]: rows rank s sends to my local expert l
-            dist.all_to_all_single(received, sent, group=self.group)
-            # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously
-            # and queue the local sort meanwhile, so that the GPU has work while the host waits and launches the
-            # exchange
-            sizes = _host_list_later(self.split_sizes(sent, received))
-        else:
-            _check_plan(plan, keep_TK)
-            sent, received, sizes = plan.sent, plan.received, (lambda: plan.sizes)
+        d, received, send_splits, recv_splits = self._sort_and_split(x_TD, expert_ids_TK, keep_TK, plan)
         recv_counts = received.reshape(W * L)  # [s*L + l]
-        d = self._local.dispatch(x_TD, expert_ids_TK, sent.reshape(W * L), keep_TK)  # x (N, D) by global expert
-        send_splits, recv_splits = sizes()
         x_send = d.x if keep_TK is None else d.x[: sum(send_splits)]  # skipped copies sit after every group
         x_recv = _all_to_all(x_send, recv_splits, send_splits, self.group)  # (R, D) by (source rank, local expert)
         R = sum(recv_splits)
@@ -201,6 +190,26 @@ class AllToAllDispatcher:
             order=d.order, inverse=d.inverse, keep=d.keep, regroup=regroup, ungroup=ungroup, send_splits=send_splits,
             recv_splits=recv_splits,
         )
+
+    def _sort_and_split(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+                        plan: SplitPlan | None) -> tuple[Dispatched, torch.Tensor, list[int], list[int]]:
+        """This rank's copies sorted by global expert (``LocalDispatcher``), the (W, L) counts it receives from
+        each rank for each local expert, and the rows it sends to / receives from each rank (host ints)."""
+        W, L = self.ep_size, self.num_local_experts
+        if plan is None:
+            sent = self.send_counts(expert_ids_TK, keep_TK)
+            received = torch.empty_like(sent)  # [s, l]: rows rank s sends to my local expert l
+            dist.all_to_all_single(received, sent, group=self.group)
+            # the one host sync: all_to_all row splits must be Python ints. Copy them to the host asynchronously
+            # and queue the local sort meanwhile, so that the GPU has work while the host waits and launches the
+            # exchange
+            sizes = _host_list_later(self.split_sizes(sent, received))
+        else:
+            _check_plan(plan, keep_TK)
+            sent, received, sizes = plan.sent, plan.received, (lambda: plan.sizes)
+        d = self._local.dispatch(x_TD, expert_ids_TK, sent.reshape(W * L), keep_TK)  # x (N, D) by global expert
+        send_splits, recv_splits = sizes()
+        return d, received, send_splits, recv_splits
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, d: AllToAllDispatched) -> torch.Tensor:
         y_recv = permute_rows(y_RD, d.ungroup, d.regroup)  # back to (source rank, local expert) order

@@ -512,6 +512,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         router_lr_scale=cfg.get("router_lr_scale", 1.0),
         load_balance_scope=cfg.get("load_balance_scope", "local"),
         one_copy_per_rank=bool((cfg.get("parallel") or {}).get("one_copy_per_rank", False)),
+        overlap=bool((cfg.get("parallel") or {}).get("overlap", False)),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))

@@ -23,6 +23,7 @@ from moe_variants.model.transformer import RMSNorm, Transformer
 from moe_variants.parallel.dedup import OneCopyPerRankDispatcher
 from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
+from moe_variants.parallel.overlap import OverlappedDispatcher
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
 
 
@@ -42,6 +43,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         processes' (``parallel.load_balance``), set up in ``configure_model``.
     one_copy_per_rank: under expert parallelism, send a token once per destination rank
         (``parallel.dedup.OneCopyPerRankDispatcher``) instead of once per expert.
+    overlap: under expert parallelism, overlap the token exchanges with the expert compute
+        (``parallel.overlap.OverlappedDispatcher``); not together with ``one_copy_per_rank``.
     """
 
     BLOW_UP = 100.0  # a step that multiplies the largest |weight| by more than this (and past it) has diverged
@@ -58,6 +61,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         router_lr_scale: float = 1.0,
         load_balance_scope: str = "local",
         one_copy_per_rank: bool = False,
+        overlap: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -74,7 +78,12 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
         self.router_lr_scale = check_router_lr_scale(router_lr_scale)
         self.load_balance_scope = check_load_balance_scope(load_balance_scope)
-        self.ep_dispatcher = OneCopyPerRankDispatcher if one_copy_per_rank else None
+        if one_copy_per_rank and overlap:
+            raise ValueError("parallel.one_copy_per_rank=true and parallel.overlap=true choose two different "
+                             "expert-parallel dispatchers: set one of them to false")
+        # an AllToAllDispatcher class for configure_model (None: AllToAllDispatcher itself)
+        self.ep_dispatcher = OneCopyPerRankDispatcher if one_copy_per_rank else (
+            OverlappedDispatcher if overlap else None)
 
     def configure_model(self) -> None:
         """Expert parallelism (``ExpertParallelHooks``), then, with a global load-balance scope and several
