@@ -65,6 +65,27 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 # -- the distributed worker -----------------------------------------------------------------------------------
+def check_ep_loss_and_grads(model: Transformer, ref: Transformer, ref_loss: torch.Tensor, ids: torch.Tensor,
+                            labels: torch.Tensor, rank: int, world: int, what: str) -> None:
+    """Train step of the expert-parallel ``model`` on this rank's rows of (ids, labels) against ``ref`` (one process,
+    whole batch, backward already run on ``ref_loss``): the mean loss over ranks equals ref's, and after
+    ``sync_expert_parallel_grads`` every dense gradient equals ref's and every expert gradient ref's rows of this
+    rank's experts (4 experts)."""
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    loss = model(ids[rows], labels=labels[rows]).lm_loss
+    loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    close(mean / world, ref_loss.detach(), f"{what}: loss")
+    P.sync_expert_parallel_grads(model)
+    lo, hi = P.local_expert_range(4, world, rank)
+    experts = set(P.expert_parameter_names(model))
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        want = ref_params[name].grad
+        close(p.grad, want[lo:hi] if name in experts else want, f"{what}: grad of {name}")
+
+
 def _check_router(rank: int, router: str, experts: str) -> None:
     ids, labels = batch()
     rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_parallel import B, batch, build, close
+from test_parallel import batch, build, check_ep_loss_and_grads, close
 
 from moe_variants.model.experts import LoopExperts
 from moe_variants.parallel import expert_parallel as P
@@ -68,24 +68,12 @@ def _check_known_answers(rank: int) -> None:
 def _check_model(rank: int, router: str) -> None:
     """A whole EP model with the one-copy dispatcher: logits, loss and every gradient as one process."""
     ids, labels = batch()
-    rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     ref = build(router)
     ref_loss = ref(ids, labels=labels).lm_loss
     ref_loss.backward()
     model = P.apply_expert_parallel(build(router), dispatcher=OneCopyPerRankDispatcher)
     assert all(isinstance(m.dispatcher, OneCopyPerRankDispatcher) for m in P.moe_layers(model))
-    loss = model(ids[rows], labels=labels[rows]).lm_loss
-    loss.backward()
-    mean = loss.detach().clone()
-    dist.all_reduce(mean)
-    close(mean / WORLD, ref_loss.detach(), f"{router}: loss")
-    P.sync_expert_parallel_grads(model)
-    lo, hi = P.local_expert_range(4, WORLD, rank)
-    experts = set(P.expert_parameter_names(model))
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        want = ref_params[name].grad
-        close(p.grad, want[lo:hi] if name in experts else want, f"{router}: grad of {name}")
+    check_ep_loss_and_grads(model, ref, ref_loss, ids, labels, rank, WORLD, router)
 
 
 def _worker(rank: int, init_method: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_parallel import B, batch, build, close
+from test_parallel import B, batch, build, check_ep_loss_and_grads, close
 
 from moe_variants.model.experts import LoopExperts
 from moe_variants.parallel import expert_parallel as P
@@ -92,18 +92,7 @@ def _check_model(rank: int, world: int, router: str, planned: bool) -> None:
         model.dispatch_planner = None
     what = f"{router}, planned={planned}"
     close(model(ids[rows]).logits, ref_logits[rows], f"{what}: logits")
-    loss = model(ids[rows], labels=labels[rows]).lm_loss
-    loss.backward()
-    mean = loss.detach().clone()
-    dist.all_reduce(mean)
-    close(mean / world, ref_loss.detach(), f"{what}: loss")
-    P.sync_expert_parallel_grads(model)
-    lo, hi = P.local_expert_range(4, world, rank)
-    experts = set(P.expert_parameter_names(model))
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        want = ref_params[name].grad
-        close(p.grad, want[lo:hi] if name in experts else want, f"{what}: grad of {name}")
+    check_ep_loss_and_grads(model, ref, ref_loss, ids, labels, rank, world, what)
 
 
 def _worker(rank: int, world: int, init_method: str) -> None:

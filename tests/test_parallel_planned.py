@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_parallel import WORLD, B, batch, close, tiny_args
+from test_parallel import WORLD, B, batch, check_ep_loss_and_grads, tiny_args
 
 from moe_variants import Transformer
 from moe_variants.parallel import expert_parallel as P
@@ -97,18 +97,7 @@ def _check_planned(rank: int, router: str, dispatcher: type) -> None:
     assert n == {"exchanges": LAYERS, "syncs": LAYERS}, (what, n)
     assert torch.equal(logits, want), what
 
-    loss = model(ids[rows], labels=labels[rows]).lm_loss
-    loss.backward()
-    mean = loss.detach().clone()
-    dist.all_reduce(mean)
-    close(mean / WORLD, ref_loss.detach(), f"{what}: loss")
-    P.sync_expert_parallel_grads(model)
-    lo, hi = P.local_expert_range(4, WORLD, rank)
-    experts = set(P.expert_parameter_names(model))
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        want = ref_params[name].grad
-        close(p.grad, want[lo:hi] if name in experts else want, f"{what}: grad of {name}")
+    check_ep_loss_and_grads(model, ref, ref_loss, ids, labels, rank, WORLD, what)
 
 
 def _check_fallbacks(rank: int) -> None:
