@@ -18,6 +18,7 @@ a bf16 matmul ceiling measured in the same run, peak memory, and ratios against 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -27,8 +28,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from moe_variants import ModelArgs, Transformer
+from moe_variants.model import experts as experts_module
 from moe_variants.model.routing import LayerSpec, Router, RouterOutput, RoutingContext
 from moe_variants.routers.aux_free import AuxFreeRouter
 from moe_variants.routers.hash import HashRouter
@@ -210,6 +213,17 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     return result
 
 
+@contextlib.contextmanager
+def slice_swiglu():
+    """Our experts with ``silu(h[:, :F]) * h[:, F:]`` differentiated by autograd (the form before ``_SwiGLU``)."""
+    saved = experts_module.swiglu
+    experts_module.swiglu = lambda h: F.silu(h[:, : h.shape[-1] // 2]) * h[:, h.shape[-1] // 2:]
+    try:
+        yield
+    finally:
+        experts_module.swiglu = saved
+
+
 def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, variants: list[str] | None) -> dict:
     ceiling = matmul_ceiling(device)
     flops_tok = model_flops_per_token(c)
@@ -227,6 +241,8 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
         # the Lightning path's precision (trainer.precision=bf16-mixed): its reference for moe-train's step time
         ("ours_topk_bf16_mixed", lambda: our_model(c, partial(TopKRouter)), compile_, True),
+        # the SwiGLU derivative as autograd writes it (two zero-padded slice gradients): what _SwiGLU bought
+        ("ours_topk_slice_swiglu", lambda: our_model(c, partial(TopKRouter)), compile_),
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
         ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
@@ -242,7 +258,8 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         if variants and name not in variants:
             continue
         try:
-            results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed)))
+            with slice_swiglu() if name.endswith("_slice_swiglu") else contextlib.nullcontext():
+                results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed)))
         except Exception as err:  # a failing variant is reported, not hidden, and the rest still run
             print(f"  {name}: FAILED {type(err).__name__}: {err}"[:400], flush=True)
             results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
