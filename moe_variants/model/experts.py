@@ -144,8 +144,10 @@ class LocalDispatcher(Dispatcher):
             expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, self.num_experts)  # id E: after every group
             if counts is None:
                 counts = expert_counts(expert_ids_TK, self.num_experts + 1)[: self.num_experts]
+        # stable: token order kept inside each expert's group; int16 keys (ids <= E): a GPU radix sort then makes 2
+        # passes over its 16 key bits instead of 8 over an int64's 64 (the sort was 0.4 ms of config A's step)
         flat_N = expert_ids_TK.reshape(-1)
-        order = flat_N.argsort(stable=True)  # stable: token order kept inside each expert's group
+        order = (flat_N.to(torch.int16) if self.num_experts < 2**15 else flat_N).argsort(stable=True)
         counts = expert_counts(expert_ids_TK, self.num_experts) if counts is None else counts
         inverse = inverse_permutation(order)
         x_ND = _GatherRows.apply(x_TD, order, inverse, K)  # x_TD[order // K]
