@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from test_train import compose_run
+from test_train import compose_run, csv_losses
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_variants.model.experts import LoopExperts
@@ -113,6 +113,8 @@ def test_at_most_one_host_read_per_quiet_step(tmp_path, monkeypatch, router):
                       "trainer.log_every_n_steps=4", "trainer.enable_progress_bar=true", "report=false")
     reads, r = count_host_reads(monkeypatch, cfg)
     assert r.trainer.global_step == 8
+    for key in ("train/loss", "train/lr", "routing/load_max"):  # logged where Lightning writes, nowhere else
+        assert sorted(csv_losses(tmp_path, key)) == [3, 7], key
     quiet = [1, 2, 4, 5, 6]
     too_many = {s: reads[s] for s in quiet if len(reads[s]) > 1}
     assert not too_many, "host reads per step:\n" + "\n".join(

@@ -111,13 +111,15 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         loss, parts = compose_loss(out.lm_loss, out.routing, self.loss_coefficients)
         # checked together with the gradients before the optimizer step (on_before_optimizer_step): one sync
         self._losses.append((loss.detach(), {k: v.detach() for k, v in parts.items()}))
-        B = batch["input_ids"].shape[0]
-        # no prog_bar=True: Lightning would read the value to the host after every batch, a GPU sync per step (the
-        # progress bar reads train/loss itself where it shows it: console.StepProgressBar); and the LR as a tensor
-        # filled on the device: self.log copies a host float with torch.tensor(lr, device=...), which syncs too
-        self.log("train/loss", loss, batch_size=B)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
-        self.log("train/lr", torch.full((), self.optimizers().param_groups[0]["lr"], device=self.device), batch_size=B)
+        if self._logs_this_step():  # a value logged at another step is never written: its host time is saved
+            B = batch["input_ids"].shape[0]
+            # no prog_bar=True: Lightning would read the value to the host after every batch, a GPU sync (the
+            # progress bar reads train/loss itself where it shows it: console.StepProgressBar); the LR as a tensor
+            # filled on the device: self.log copies a host float with torch.tensor(lr, device=...), which syncs too
+            self.log("train/loss", loss, batch_size=B)
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("train/lr", torch.full((), lr, device=self.device), batch_size=B)
         # for RoutingMetrics (this step only, detached: nothing keeps the graph alive)
         routing = [
             {"expert_ids": r.expert_ids.detach(), "logits": None if r.logits is None else r.logits.detach(),
@@ -125,6 +127,14 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             for r in out.routing
         ]
         return {"loss": loss, "routing": routing, "doc_start": batch.get("doc_start")}
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes the values logged in this training step: when the step about to end is a
+        multiple of ``trainer.log_every_n_steps`` (``global_step + 1``, counted before the optimizer step), or the
+        trainer is stopping (as Lightning's ``should_update_logs`` decides; ``callbacks.RoutingMetrics`` counts the
+        same steps after the optimizer step)."""
+        n = self.trainer.log_every_n_steps
+        return bool(n) and ((self.global_step + 1) % n == 0 or self.trainer.should_stop)
 
     # -- validation: token-weighted per domain and overall --------------------------------------------------
     def on_validation_epoch_start(self) -> None:
