@@ -8,7 +8,7 @@ import signal as signal_module
 
 import pytest
 import torch
-from test_train import SMALL, compose_run
+from test_train import SMALL, compose_run, csv_losses
 
 from moe_variants.training.checkpoint import checkpoint_nonfinite
 from moe_variants.training.run import run
@@ -56,4 +56,13 @@ def test_an_inf_optimizer_state_is_never_saved(tmp_path):
                                                  r"after step 2 (.|\n)*lower the LR"):
         run(compose_run(tmp_path, *STEPS, "+callbacks.inf._target_=fault_injection.InfStateAt",
                         "+callbacks.inf.step=3"))
+    assert saved_steps(tmp_path) == {"last.ckpt": 2, "step000002.ckpt": 2}
+
+
+def test_a_ruinous_step_is_refused_before_its_validation(tmp_path):
+    """Validation right after the bad step (step 2, validation every 3 steps): refused before any validation loss
+    of the ruined weights is logged."""
+    with pytest.raises(FloatingPointError, match=r"the weights blew up .* after the optimizer step at step 2"):
+        run(compose_run(tmp_path, *STEPS, *BLOW_UP, "+callbacks.blow.step=2", "trainer.val_check_interval=3"))
+    assert not csv_losses(tmp_path, "val/loss")
     assert saved_steps(tmp_path) == {"last.ckpt": 2, "step000002.ckpt": 2}

@@ -266,8 +266,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         """Read the last optimizer step's queued weight check now and check the optimizer state for NaN/inf
         (one sync); raise ``FloatingPointError`` naming the step if either is bad (``when``: where it was found, for
         the message). Runs before every checkpoint is built (:meth:`on_save_checkpoint`: ``ModelCheckpoint``,
-        ``SaveOnStop``'s saves at the end, on Ctrl-C or SIGTERM, any ``trainer.save_checkpoint``) and at the end of
-        training."""
+        ``SaveOnStop``'s saves at the end, on Ctrl-C or SIGTERM, any ``trainer.save_checkpoint``), before each
+        validation during training and at the end of training."""
         last, self._last_step_check = self._last_step_check, None
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         state = [v.detach() for opt in optimizers for s in opt.state.values() for v in s.values()
@@ -286,6 +286,9 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     def on_train_end(self) -> None:
         self.check_last_step()  # a run that ends without a checkpoint of its last step still reports a bad one
+
+    def on_validation_start(self) -> None:  # no validation losses (nor churn) of weights the guard would refuse
+        self.check_last_step(f"before the validation at step {self.global_step}")
 
     def _blow_up_message(self, optimizer: Optimizer | None, check: StepCheck) -> str:
         named = list(self.model.named_parameters())
