@@ -2,7 +2,8 @@
 (before that step's checkpoint is written) or in the middle of writing a checkpoint, or SIGINT (Ctrl-C) or SIGTERM.
 Added to a run with ``+callbacks.kill._target_=fault_injection.KillAt +callbacks.kill.step=K`` and optionally
 ``+callbacks.kill.during_save=true`` or ``+callbacks.kill.signal=SIGINT`` (or ``SIGTERM``); ``NanGradAt`` poisons a
-gradient."""
+gradient, ``BlowUpAt`` makes one optimizer step ruin the weights, ``InfStateAt`` puts an inf into the optimizer
+state."""
 
 from __future__ import annotations
 
@@ -50,3 +51,31 @@ class NanGradAt(L.Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == self.step:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+class BlowUpAt(L.Callback):
+    """Optimizer step K ruins the weights: its learning rate x ``factor`` (AdamW's decay multiplies every weight by
+    1 - lr x weight_decay); the LR schedule sets the next step's LR as it would have. ``+callbacks.blow._target_=
+    fault_injection.BlowUpAt +callbacks.blow.step=K``."""
+
+    def __init__(self, step: int, factor: float = 1e6) -> None:
+        self.step, self.factor = int(step), float(factor)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if trainer.global_step == self.step:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.factor
+
+
+class InfStateAt(L.Callback):
+    """After optimizer step K (before the checkpoint callbacks of that step run), an inf in one parameter's AdamW
+    second moment, as grad^2 overflowing it would leave; the weights stay finite (the update m / sqrt(inf) is 0).
+    ``+callbacks.inf._target_=fault_injection.InfStateAt +callbacks.inf.step=K``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step + 1:
+            state = next(s for s in trainer.optimizers[0].state.values() if "exp_avg_sq" in s)
+            state["exp_avg_sq"].view(-1)[0] = float("inf")

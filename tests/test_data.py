@@ -6,12 +6,20 @@ import itertools
 import json
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from moe_variants.data import build
-from moe_variants.data.datamodule import PACK_SEED, CorpusDataModule, ResumableSampler, TextFilesDataModule
+from moe_variants.data.datamodule import (
+    PACK_SEED,
+    CorpusDataModule,
+    ResumableSampler,
+    TextFilesDataModule,
+    pins_memory,
+)
+from moe_variants.training.checkpoint import NOT_COMPARED, config_diff
 
 DOMAINS = ["code", "law", "prose"]
 S, B = 16, 4
@@ -331,3 +339,24 @@ def test_token_chunks_and_fingerprints(corpus):
     assert dm.data_fingerprint == _dm(corpus, seed=3).data_fingerprint  # the seed only reorders
     assert dm.data_fingerprint != _dm(corpus, domains=["law"]).data_fingerprint
     assert dm.data_fingerprint != _dm(corpus, seq_len=S + 1).data_fingerprint
+
+
+def test_loaders_pin_memory_when_training_on_a_gpu(corpus):
+    """data.pin_memory=auto: pinned batches when the trainer trains on a CUDA device (Lightning's non_blocking copy
+    to the GPU is then asynchronous), pageable memory otherwise; true/false choose; other values are refused; a
+    checkpoint saved before the key existed resumes (it is not compared)."""
+    dm = _dm(corpus)
+    assert not dm.train_dataloader().pin_memory  # no trainer
+    assert not pins_memory("auto", L.Trainer(accelerator="cpu", logger=False))
+    _attach(dm, 0, 10)
+    dm.trainer.strategy = SimpleNamespace(root_device=torch.device("cpu"))
+    assert not dm.train_dataloader().pin_memory and not any(v.pin_memory for v in dm.val_dataloader())
+    dm.trainer.strategy = SimpleNamespace(root_device=torch.device("cuda", 0))
+    assert dm.train_dataloader().pin_memory and all(v.pin_memory for v in dm.val_dataloader())
+    dm.pin_memory = False
+    assert not dm.train_dataloader().pin_memory
+    assert pins_memory(True, None)
+    with pytest.raises(ValueError, match=r"data.pin_memory='yes': set auto \(pinned batches when training on a GPU\)"):
+        CorpusDataModule(corpus, pin_memory="yes")
+    old, new = {"data": {"num_workers": 0}}, {"data": {"num_workers": 0, "pin_memory": "auto"}}
+    assert config_diff(old, new, ("data",), ignore=NOT_COMPARED) == {}

@@ -108,6 +108,20 @@ class ResumableSampler(DistributedSampler):
         pass
 
 
+def pins_memory(setting: bool | str, trainer: Any) -> bool:
+    """Whether the data loaders put their batches in pinned (page-locked) host memory: ``setting`` True or False,
+    or ``"auto"``: when ``trainer`` trains on a CUDA device. Why: a copy to the GPU from pageable memory synchronises
+    with the stream before it starts (CUDA runtime API, "API synchronization behavior"), so Lightning's
+    ``non_blocking=True`` batch transfer overlaps the GPU's work only from pinned memory."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"data.pin_memory={setting!r}: set auto (pinned batches when training on a GPU), true or "
+                         f"false")
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
 def _sha(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
@@ -126,6 +140,8 @@ class CorpusDataModule(pl.LightningDataModule):
         seed: seeds the training order (the windows themselves do not depend on it).
         num_workers: DataLoader workers.
         max_train_tokens: use only the first ``max_train_tokens // (S + 1)`` packed training windows.
+        pin_memory: ``"auto"`` (pin the batches when the trainer trains on a CUDA device), True or False: see
+            :func:`pins_memory`.
     """
 
     def __init__(
@@ -139,10 +155,13 @@ class CorpusDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         max_train_tokens: int | None = None,
+        pin_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+        pins_memory(pin_memory, None)  # a bad value fails here, before any data is read
+        self.pin_memory = pin_memory
         self.corpus_dir = _resolve(corpus_dir) if corpus_dir is not None else paths.corpus_dir()
         self.tokenizer_name = str(tokenizer)
         self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers
@@ -420,6 +439,7 @@ class CorpusDataModule(pl.LightningDataModule):
             sampler=self.train_sampler(),
             num_workers=self.num_workers,
             persistent_workers=False,
+            pin_memory=pins_memory(self.pin_memory, self.trainer),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -431,6 +451,7 @@ class CorpusDataModule(pl.LightningDataModule):
                 batch_size=self.batch_size,
                 shuffle=False,
                 num_workers=self.num_workers,
+                pin_memory=pins_memory(self.pin_memory, self.trainer),
             )
             for w in self.val_windows
         ]

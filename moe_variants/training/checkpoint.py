@@ -30,9 +30,9 @@ TRAINING_KEYS = ("optimizer", "router_lr_scale", "load_balance_scope", "schedule
                  "trainer.precision")
 # top-level training keys added after checkpoints were written, with the value those checkpoints trained with
 ADDED_KEYS = {"router_lr_scale": 1.0, "load_balance_scope": "local"}
-# num_workers changes how fast, not what, a run trains; batch_size is per process: a resume may move to another
-# number of processes with the same global batch, which training.build.check_global_batch compares instead
-NOT_COMPARED = ("data.num_workers", "data.batch_size")
+# num_workers and pin_memory change how fast, not what, a run trains; batch_size is per process: a resume may move
+# to another number of processes with the same global batch, which training.build.check_global_batch compares instead
+NOT_COMPARED = ("data.num_workers", "data.pin_memory", "data.batch_size")
 TEMP_GLOB = ".*.tmp"  # save_atomic's temp files: .<name>.<random>.tmp
 
 

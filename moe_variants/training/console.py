@@ -33,7 +33,17 @@ def log_through_root() -> None:
 class StepProgressBar(TQDMProgressBar):
     """One training bar over the run's optimizer steps, ``train: 120/150``, resumed runs starting where they
     stopped. (Lightning's bars count the batches of the current epoch and title them ``Epoch 0/-2`` in a run
-    bounded by ``max_steps`` with ``max_epochs=-1``, as every run here is.)"""
+    bounded by ``max_steps`` with ``max_epochs=-1``, as every run here is.) Its metrics are read (a GPU sync) only
+    at the steps Lightning logs at (``trainer.log_every_n_steps``) and at the end."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's (the version, ``prog_bar`` values) and ``train/loss``, read here where the bar shows it: logged
+        with ``prog_bar=True``, Lightning would read it to the host after every batch (a GPU sync per step)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = float(loss)
+        return metrics
 
     @property
     def train_description(self) -> str:
@@ -51,5 +61,7 @@ class StepProgressBar(TQDMProgressBar):
         if bar is None or bar.disable or not (step % self.refresh_rate == 0 or step == bar.total):
             return
         bar.n = step
-        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        n = trainer.log_every_n_steps
+        if step == bar.total or (n and step % n == 0):  # the metrics (train/loss) only where Lightning logs them:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)  # reading a tensor syncs the GPU
         bar.refresh()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -25,6 +26,16 @@ from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
 from moe_variants.parallel.overlap import OverlappedDispatcher
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
+
+
+@dataclass
+class StepCheck:
+    """The weight check one optimizer step left on the device (0-dim tensors), read later in one sync."""
+
+    step: int  # global step of the optimizer step (as the error messages count)
+    bad: torch.Tensor  # bool: NaN/inf weights or a blow-up
+    before: torch.Tensor  # largest |weight| before the step
+    after: torch.Tensor  # and after it
 
 
 class LitMoE(ExpertParallelHooks, L.LightningModule):
@@ -73,6 +84,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         self.last_val_step: int | None = None  # global step of the last completed validation
         self._losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # this optimizer step's micro-batches
         self._max_weight: torch.Tensor | None = None  # largest |weight| after the last optimizer step (0-dim)
+        self._last_step_check: StepCheck | None = None  # the last optimizer step's weight check, not read yet
+        self._state_checked_step: int | None = None  # global step where the optimizer state was last seen finite
         self.expert_parallel = int(expert_parallel)
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {expert_parallel}")
@@ -98,10 +111,15 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         loss, parts = compose_loss(out.lm_loss, out.routing, self.loss_coefficients)
         # checked together with the gradients before the optimizer step (on_before_optimizer_step): one sync
         self._losses.append((loss.detach(), {k: v.detach() for k, v in parts.items()}))
-        B = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+        if self._logs_this_step():  # a value logged at another step is never written: its host time is saved
+            B = batch["input_ids"].shape[0]
+            # no prog_bar=True: Lightning would read the value to the host after every batch, a GPU sync (the
+            # progress bar reads train/loss itself where it shows it: console.StepProgressBar); the LR as a tensor
+            # filled on the device: self.log copies a host float with torch.tensor(lr, device=...), which syncs too
+            self.log("train/loss", loss, batch_size=B)
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("train/lr", torch.full((), lr, device=self.device), batch_size=B)
         # for RoutingMetrics (this step only, detached: nothing keeps the graph alive)
         routing = [
             {"expert_ids": r.expert_ids.detach(), "logits": None if r.logits is None else r.logits.detach(),
@@ -109,6 +127,14 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             for r in out.routing
         ]
         return {"loss": loss, "routing": routing, "doc_start": batch.get("doc_start")}
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes the values logged in this training step: when the step about to end is a
+        multiple of ``trainer.log_every_n_steps`` (``global_step + 1``, counted before the optimizer step), or the
+        trainer is stopping (as Lightning's ``should_update_logs`` decides; ``callbacks.RoutingMetrics`` counts the
+        same steps after the optimizer step)."""
+        n = self.trainer.log_every_n_steps
+        return bool(n) and ((self.global_step + 1) % n == 0 or self.trainer.should_stop)
 
     # -- validation: token-weighted per domain and overall --------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -147,25 +173,45 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         return {idx: [float(s), int(n)] for idx, (s, n) in enumerate(sums.tolist()) if n > 0}
 
     # -- NaN/inf guard --------------------------------------------------------------------------------------
+    # One device -> host read per optimizer step: each step's checks are queued on the device, and the check of
+    # the step about to be taken (finite losses and gradients) is read together with that of the step before
+    # (finite, not blown-up weights). Before any checkpoint is built, and at the end of training, the last step's
+    # check is read at once, with the optimizer state: no checkpoint ever holds a refused step.
+    def on_fit_start(self) -> None:
+        self._last_step_check, self._max_weight, self._state_checked_step = None, None, None
+
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Refuse the optimizer step unless the loss of every micro-batch and every gradient are finite: weights,
-        optimizer state and therefore every checkpoint stay those of the last good step. One fused max-abs norm
-        over the gradients and one device sync per step (plus a scalar all-reduce with several processes, so that
-        all ranks stop together)."""
+        optimizer state and therefore every checkpoint stay those of the last good step. The check the previous
+        step left (:meth:`optimizer_step`) is read with it: one fused max-abs norm over the gradients and one
+        device sync per step (plus one small all-reduce with several processes, so that all ranks stop together)."""
         super().on_before_optimizer_step(optimizer)  # expert parallelism: complete and scale the expert grads first
         losses, self._losses = self._losses, []
+        last, self._last_step_check = self._last_step_check, None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             grads = []  # fp16 loss scaling: inf gradients are expected now and then, the scaler skips those steps
         values = [loss.float().reshape(1) for loss, _ in losses]
         values += [n.float().reshape(1) for n in torch._foreach_norm(grads, ord=float("inf"))] if grads else []
-        if not values:
+        if not values and last is None:
             return
-        bad = (~torch.isfinite(torch.cat([v.to(self.device) for v in values]))).any().float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bool(bad > 0):
+        this_bad = (~torch.isfinite(torch.cat([v.to(self.device) for v in values]))).any() if values else None
+        last_bad, this_bad = self._read_flags(None if last is None else last.bad, this_bad)
+        if last_bad:  # first: this step's NaN would only be a consequence of the ruined weights
+            raise FloatingPointError(self._blow_up_message(getattr(optimizer, "optimizer", optimizer), last))
+        if this_bad:
             raise FloatingPointError(self._nonfinite_message(losses, optimizer))
+
+    def _read_flags(self, *flags: torch.Tensor | None) -> list[bool]:
+        """0-dim device flags (nonzero = bad; None = nothing checked) -> bools, in one device -> host read; with
+        several processes a flag is set where any rank set it (one all-reduce)."""
+        stacked = torch.stack([torch.zeros((), device=self.device) if f is None else f.float().to(self.device)
+                               for f in flags])  # (F,); no tensor made from a host value: that would sync too
+        if self.trainer.world_size > 1:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        bits = 2 ** torch.arange(len(flags), device=stacked.device)
+        code = int(((stacked > 0).long() * bits).sum())
+        return [bool(code >> i & 1) for i in range(len(flags))]
 
     def _nonfinite_message(self, losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
                            optimizer: Optimizer) -> str:
@@ -191,33 +237,65 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """The step, then a check of what it left: finite weights and optimizer state, and no blow-up (the largest
-        |weight| grown more than ``BLOW_UP`` x in this one step, and to more than ``BLOW_UP``). Finite gradients do
-        not rule either out: AdamW's decay multiplies every weight by 1 - lr x weight_decay, and grad^2 can overflow
-        the second moment. Raised here, before any checkpoint callback of this step runs, so that the checkpoints
-        on disk stay those of the last good step. One fused max-abs norm and one device sync per step."""
+        """The step, then a check of the weights it left, queued on the device and read with the next step's check
+        (:meth:`on_before_optimizer_step`) or, if a checkpoint comes first, before that checkpoint is built
+        (:meth:`check_last_step`): finite weights and no blow-up (the largest |weight| grown more than ``BLOW_UP``
+        x in this one step, and to more than ``BLOW_UP``). Finite gradients do not rule either out: AdamW's decay
+        multiplies every weight by 1 - lr x weight_decay. One fused max-abs norm over the weights (4 bytes a
+        parameter in fp32), no sync.
+
+        The optimizer state (AdamW's two moments, twice the bytes of the weights) is checked only where a
+        checkpoint is built and at the end of training (:meth:`check_last_step`), and that keeps the guarantee
+        that no checkpoint holds a NaN/inf state or weights: a NaN moment makes the weights of the next step that
+        updates that parameter NaN (the update is m / (sqrt(v) + eps)), which the weight check of that step
+        catches; an inf second moment (grad^2 overflowing it) leaves the weights finite (the update is 0), so it is
+        the checkpoint's own check that refuses it, naming the steps since the state was last seen finite."""
         params = [p.detach() for p in self.model.parameters()]
-        if self._max_weight is None:  # first step of this process; later steps reuse the last step's value
+        if self._max_weight is None:  # first step of this fit; later steps reuse the last step's value
             self._max_weight = torch.stack(torch._foreach_norm(params, ord=float("inf"))).max() if params else None
+            self._state_checked_step = self.global_step  # fresh, or loaded from a checkpoint that was checked
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not params:
             return
-        opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper -> the torch optimizer
-        state = [v.detach() for p in self.model.parameters() for v in opt.state.get(p, {}).values()
-                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
         before, after = self._max_weight, torch.stack(torch._foreach_norm(params, ord=float("inf"))).max()
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(state, ord=float("inf")))).all() if state else True
-        bad = (~torch.isfinite(after) | ~finite | (after > self.BLOW_UP * before.clamp(min=1.0))).float()
+        bad = ~torch.isfinite(after) | (after > self.BLOW_UP * before.clamp(min=1.0))
+        self._last_step_check = StepCheck(self.global_step, bad, before, after)
         self._max_weight = after
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bool(bad > 0):
-            raise FloatingPointError(self._blow_up_message(opt, float(before), float(after)))
 
-    def _blow_up_message(self, optimizer: Optimizer, before: float, after: float) -> str:
+    def check_last_step(self, when: str = "at the end of training") -> None:
+        """Read the last optimizer step's queued weight check now and check the optimizer state for NaN/inf
+        (one sync); raise ``FloatingPointError`` naming the step if either is bad (``when``: where it was found, for
+        the message). Runs before every checkpoint is built (:meth:`on_save_checkpoint`: ``ModelCheckpoint``,
+        ``SaveOnStop``'s saves at the end, on Ctrl-C or SIGTERM, any ``trainer.save_checkpoint``), before each
+        validation during training and at the end of training."""
+        last, self._last_step_check = self._last_step_check, None
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        state = [v.detach() for opt in optimizers for s in opt.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+        state_bad = None
+        if state:
+            state_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(state, ord=float("inf")))).all()
+        if last is None and state_bad is None:
+            return
+        last_bad, state_bad = self._read_flags(None if last is None else last.bad, state_bad)
+        if last_bad:
+            raise FloatingPointError(self._blow_up_message(optimizers[0] if optimizers else None, last))
+        if state_bad:
+            raise FloatingPointError(self._state_message(optimizers[0], when))
+        self._state_checked_step = self.global_step
+
+    def on_train_end(self) -> None:
+        self.check_last_step()  # a run that ends without a checkpoint of its last step still reports a bad one
+
+    def on_validation_start(self) -> None:  # no validation losses (nor churn) of weights the guard would refuse
+        self.check_last_step(f"before the validation at step {self.global_step}")
+
+    def _blow_up_message(self, optimizer: Optimizer | None, check: StepCheck) -> str:
         named = list(self.model.named_parameters())
+        state = optimizer.state if optimizer is not None else {}
         ruined = nonfinite(named + [(f"{n} (optimizer state {k})", v) for n, p in named
-                                    for k, v in optimizer.state.get(p, {}).items()])
+                                    for k, v in state.get(p, {}).items()])
+        before, after = float(check.before), float(check.after)
         if ruined:
             what = f"NaN/inf weights or optimizer state ({len(ruined)} tensors, e.g. {', '.join(ruined[:3])})"
         elif math.isfinite(after) and after > self.BLOW_UP * max(before, 1.0):
@@ -225,10 +303,24 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         else:
             what = "NaN/inf weights or a blow-up on another rank"
         return (
-            f"{what} after the optimizer step at step {self.global_step}, with a finite loss and finite gradients: "
+            f"{what} after the optimizer step at step {check.step}, with a finite loss and finite gradients: "
             f"this step was not saved, the checkpoints are those of the last good step; lower the LR (optimizer.lr; "
             f"with AdamW keep optimizer.lr x optimizer.weight_decay well below 1) and resume with ckpt_path=last "
             f"resume_allow_changes=[optimizer.lr] optimizer.lr=<lower>"
+        )
+
+    def _state_message(self, optimizer: Optimizer, when: str) -> str:
+        named = list(self.model.named_parameters())
+        ruined = nonfinite([(f"{n} ({k})", v) for n, p in named for k, v in optimizer.state.get(p, {}).items()])
+        ruined = ruined or ["on another rank"]
+        since = self._state_checked_step if self._state_checked_step is not None else 0
+        return (
+            f"NaN/inf optimizer state ({', '.join(ruined[:3])}{' ...' if len(ruined) > 3 else ''}) found {when}, "
+            f"with finite weights: an optimizer step after step {since} (where the state was last checked, at a "
+            f"checkpoint or the start) made it (AdamW's second moment overflows when grad^2 does); nothing of it was "
+            f"saved, the checkpoints are those of step {since} or before; lower the LR (optimizer.lr), keep "
+            f"trainer.gradient_clip_val on, and resume with ckpt_path=last resume_allow_changes=[optimizer.lr] "
+            f"optimizer.lr=<lower>"
         )
 
     # -- optimisation --------------------------------------------------------------------------------------
@@ -290,7 +382,9 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the run config (``training.build.load_model`` rebuilds the model from it); with EP, full experts."""
+        """Store the run config (``training.build.load_model`` rebuilds the model from it); with EP, full experts.
+        First the NaN/inf guard's check of the last step (:meth:`check_last_step`): a refused step is never saved."""
+        self.check_last_step(f"before writing the checkpoint of step {self.global_step}")
         if self.config is not None:
             checkpoint[CONFIG_KEY] = self.config
         self.gather_expert_checkpoint(checkpoint)
