@@ -89,7 +89,7 @@ def compile_step(optimizer: Optimizer) -> None:
             update(self)
         return loss
 
-    optimizer.step = types.MethodType(step, optimizer)
+    optimizer.step = types.MethodType(step, optimizer)  # a reference cycle until an LR scheduler wraps it: gc frees it
 
 
 def set_lr(group: dict[str, Any], value: float | torch.Tensor) -> None:
