@@ -119,7 +119,7 @@ def test_run_names_say_every_override_but_how_a_run_is_run():
     assert a == "hash-s0,model=tiny,router.table=random" and b == "hash-s0,model=tiny,router.table=balanced"
     assert tags == ["model=tiny", "router.table=random"]
     same = _hydra_names("router=hash", "router.table=random", "model=tiny", "ckpt_path=last", "trainer.max_steps=9",
-                        "experiment=x", "logger=csv", "compile=true")[0]
+                        "experiment=x", "logger=csv", "compile=true", "optimizer_impl=compiled")[0]
     assert same == a
     files = _hydra_names("data=text_files", "data.data_files=/a/b.txt")[0]
     assert files == "topk-s0,data.data_files=_a_b.txt,data=text_files"  # one folder: "/" -> "_"

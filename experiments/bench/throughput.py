@@ -1,6 +1,8 @@
 """Training-step throughput: ours vs HF transformers' MixtralForCausalLM, side by side on one GPU.
 
-One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step):
+One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step; HF with
+torch's fused AdamW, HF Trainer's default; ours with the optimizer ``moe-train`` builds: ``LitMoE``'s parameter
+groups and LR schedule, the update of ``optimizer_impl``, by default ``auto``: compiled with the compiled model):
 HF eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts,
 chunked cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced
 routing, topk in bf16-mixed precision (fp32 weights and optimizer state, bf16 autocast: the recipe of
@@ -38,6 +40,9 @@ from moe_variants.routers.hash import HashRouter
 from moe_variants.routers.resources import bind_resources, synthetic_resources
 from moe_variants.routers.span import SpanHeadRouter
 from moe_variants.routers.topk import TopKRouter
+from moe_variants.training.lit import LitMoE
+from moe_variants.training.optim import IMPLEMENTATIONS, resolve_optimizer_impl
+from moe_variants.training.schedule import warmup_cosine
 
 
 @dataclass
@@ -157,10 +162,21 @@ def our_model(c: BenchConfig, router, **args) -> tuple[torch.nn.Module, callable
     return model, loss_fn
 
 
+def moe_train_optimizer(model: Transformer, impl: str, steps: int):
+    """The optimizer and LR schedule ``moe-train`` builds for ``model`` (``LitMoE.configure_optimizers``: decay and
+    no-decay groups, warmup + cosine stepped every step) with the update ``impl``: what the Lightning path runs."""
+    lit = LitMoE(model, optimizer=partial(torch.optim.AdamW, lr=1e-4), loss_coefficients={}, optimizer_impl=impl,
+                 scheduler=partial(warmup_cosine, warmup_steps=1, total_steps=steps))
+    conf = lit.configure_optimizers()
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
 def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, steps: int, warmup: int,
-                 mixed: bool = False) -> dict:
+                 mixed: bool = False, optimizer_impl: str = "auto") -> dict:
     """Median step time of ``build()``'s model. ``mixed``: fp32 weights and AdamW state, the step under bf16
-    autocast (``moe-train``'s ``bf16-mixed``); otherwise bf16 weights and state (how HF and ours are compared)."""
+    autocast (``moe-train``'s ``bf16-mixed``); otherwise bf16 weights and state (how HF and ours are compared).
+    HF's models step torch's fused AdamW, ours ``moe-train``'s optimizer with ``optimizer_impl`` (``training.optim``;
+    auto: compiled when ``compile_``, else fused)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -169,7 +185,12 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     model, loss_fn = build()
     model = model.to(device=device, dtype=torch.float32 if mixed else torch.bfloat16)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    if isinstance(model, Transformer):
+        impl = resolve_optimizer_impl(optimizer_impl, compiled_model=compile_)
+        opt, sched = moe_train_optimizer(model, impl, warmup + steps)
+    else:
+        impl, sched = "fused" if device == "cuda" else "torch default", None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compile_ else model
     # a fresh batch every step: a repeated batch lets fixed routing memorise it, and its loss would mean nothing
     # (random ids: no loss is reported; only time and memory)
@@ -181,6 +202,8 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
             loss = loss_fn(step_model, next(next_batch))
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -207,9 +230,9 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     median = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     result = {"variant": name, "tokens_per_s": c.batch * c.seq_len / median, "step_s": median,
-              "peak_mem_gib": peak, "warmup_s": warm_s}
+              "peak_mem_gib": peak, "warmup_s": warm_s, "optimizer_impl": impl}
     print(f"  {name:28s} {result['tokens_per_s']:>10.0f} tok/s  step {median * 1e3:7.1f} ms  "
-          f"peak {peak:6.1f} GiB  (warm-up {warm_s:.0f} s)", flush=True)
+          f"peak {peak:6.1f} GiB  (warm-up {warm_s:.0f} s, AdamW {impl})", flush=True)
     return result
 
 
@@ -224,7 +247,8 @@ def slice_swiglu():
         experts_module.swiglu = saved
 
 
-def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, variants: list[str] | None) -> dict:
+def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, variants: list[str] | None,
+        optimizer_impl: str = "auto") -> dict:
     ceiling = matmul_ceiling(device)
     flops_tok = model_flops_per_token(c)
     print(f"config {c.name}: {c}\n  matmul ceiling {ceiling / 1e12:.0f} TFLOP/s; model FLOPs/token "
@@ -243,6 +267,7 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ("ours_topk_bf16_mixed", lambda: our_model(c, partial(TopKRouter)), compile_, True),
         # the SwiGLU derivative as autograd writes it (two zero-padded slice gradients): what _SwiGLU bought
         ("ours_topk_slice_swiglu", lambda: our_model(c, partial(TopKRouter)), compile_),
+        ("ours_topk_fused_adamw", lambda: our_model(c, partial(TopKRouter)), compile_),
         ("ours_hash", lambda: our_model(c, partial(HashRouter)), compile_),
         ("ours_span", lambda: our_model(c, partial(SpanHeadRouter)), compile_),
         ("ours_topk_forced_balanced", lambda: our_model(c, BalancedRouter), compile_),
@@ -258,8 +283,11 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         if variants and name not in variants:
             continue
         try:
+            # ours_topk_fused_adamw: the benchmark's optimizer before moe-train's optimizer_impl (what it bought)
+            impl = "fused" if name.endswith("_fused_adamw") else optimizer_impl
             with slice_swiglu() if name.endswith("_slice_swiglu") else contextlib.nullcontext():
-                results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed)))
+                results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed),
+                                            optimizer_impl=impl))
         except Exception as err:  # a failing variant is reported, not hidden, and the rest still run
             print(f"  {name}: FAILED {type(err).__name__}: {err}"[:400], flush=True)
             results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
@@ -289,16 +317,16 @@ def markdown(report: dict) -> str:
              f"{report['device']}, torch {report['torch']}, measured bf16 matmul ceiling "
              f"{report['matmul_ceiling_flops'] / 1e12:.0f} TFLOP/s; baseline = best HF variant "
              f"({report['best_hf']})", "",
-             "| variant | tokens/s | MFU | peak GiB | vs HF best | mem vs HF best | vs ours topk |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | tokens/s | MFU | peak GiB | vs HF best | mem vs HF best | vs ours topk | AdamW |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         fmt = lambda k, f: (f.format(r[k]) if k in r else "")  # noqa: E731
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {fmt('mfu', '{:.1%}')} | "
                      f"{r['peak_mem_gib']:.1f} | {fmt('vs_hf_best', '{:.2f}x')} | {fmt('mem_vs_hf_best', '{:.2f}x')} | "
-                     f"{fmt('vs_ours_topk', '{:.2f}x')} |")
+                     f"{fmt('vs_ours_topk', '{:.2f}x')} | {r.get('optimizer_impl', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,11 +338,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--optimizer-impl", default="auto", choices=IMPLEMENTATIONS,
+                   help="our variants' AdamW update (moe-train's optimizer_impl; HF's stay fused)")
     p.add_argument("--out", default="results/bench")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     names = ["smoke"] if a.smoke else a.config
-    reports = [run(CONFIGS[n], device, a.steps, a.warmup, a.skip_hf, a.variants) for n in names]
+    reports = [run(CONFIGS[n], device, a.steps, a.warmup, a.skip_hf, a.variants, a.optimizer_impl) for n in names]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if a.smoke else "-".join(names)

@@ -51,6 +51,7 @@ from moe_variants.training.checkpoint import (
 from moe_variants.training.interrupt import SaveOnStop
 from moe_variants.training.lit import LitMoE, check_router_lr_scale
 from moe_variants.training.naming import override_tags
+from moe_variants.training.optim import resolve_optimizer_impl
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,20 @@ def check_config(cfg: DictConfig) -> ModelArgs:
             stacklevel=2,
         )
     check_router_lr_scale(cfg.get("router_lr_scale", 1.0))
+    optimizer_impl(cfg)
     check_load_balance_scope(cfg.get("load_balance_scope", "local"))
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     if max_steps is not None and max_steps <= 0:
         raise ValueError(f"trainer.max_steps={max_steps}: runs are counted in optimizer steps, set it > 0")
     return args
+
+
+def optimizer_impl(cfg: DictConfig) -> str:
+    """How this run's optimizer update runs: ``optimizer_impl`` with ``auto`` resolved (``training.optim``)."""
+    trainer = cfg.get("trainer") or {}
+    fp16_clipping = str(trainer.get("precision")) in ("16-mixed", "16") and bool(trainer.get("gradient_clip_val"))
+    return resolve_optimizer_impl(cfg.get("optimizer_impl", "auto"), compiled_model=bool(cfg.get("compile")),
+                                  fp16_clipping=fp16_clipping)
 
 
 def expert_parallel_size(cfg: DictConfig) -> int | str:
@@ -513,6 +523,7 @@ def _build(cfg: DictConfig, config: dict[str, Any], run_dir: Path, args: ModelAr
         load_balance_scope=cfg.get("load_balance_scope", "local"),
         one_copy_per_rank=bool((cfg.get("parallel") or {}).get("one_copy_per_rank", False)),
         overlap=bool((cfg.get("parallel") or {}).get("overlap", False)),
+        optimizer_impl=optimizer_impl(cfg),
     )
     if ckpt_path is not None:
         check_global_batch(ckpt_path, datamodule, trainer, cfg.get("resume_allow_changes"))

@@ -26,6 +26,13 @@ from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
 from moe_variants.parallel.overlap import OverlappedDispatcher
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
+from moe_variants.training.optim import (
+    build_optimizer,
+    check_optimizer_impl,
+    lr_copy,
+    place_step_counters,
+    set_lr,
+)
 
 
 @dataclass
@@ -56,6 +63,8 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         (``parallel.dedup.OneCopyPerRankDispatcher``) instead of once per expert.
     overlap: under expert parallelism, overlap the token exchanges with the expert compute
         (``parallel.overlap.OverlappedDispatcher``); not together with ``one_copy_per_rank``.
+    optimizer_impl: how the optimizer's update runs: ``fused``, ``foreach`` or ``compiled`` (``training.optim``;
+        ``training.build`` resolves the config's ``auto``); None: as ``optimizer`` builds it.
     """
 
     BLOW_UP = 100.0  # a step that multiplies the largest |weight| by more than this (and past it) has diverged
@@ -73,6 +82,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         load_balance_scope: str = "local",
         one_copy_per_rank: bool = False,
         overlap: bool = False,
+        optimizer_impl: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -97,6 +107,9 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         # an AllToAllDispatcher class for configure_model (None: AllToAllDispatcher itself)
         self.ep_dispatcher = OneCopyPerRankDispatcher if one_copy_per_rank else (
             OverlappedDispatcher if overlap else None)
+        if optimizer_impl is not None and check_optimizer_impl(optimizer_impl) == "auto":
+            raise ValueError("LitMoE takes a resolved optimizer_impl, not auto (training.optim.resolve_optimizer_impl)")
+        self.optimizer_impl = optimizer_impl
 
     def configure_model(self) -> None:
         """Expert parallelism (``ExpertParallelHooks``), then, with a global load-balance scope and several
@@ -118,8 +131,9 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
             # filled on the device: self.log copies a host float with torch.tensor(lr, device=...), which syncs too
             self.log("train/loss", loss, batch_size=B)
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=B)
-            lr = self.optimizers().param_groups[0]["lr"]
-            self.log("train/lr", torch.full((), lr, device=self.device), batch_size=B)
+            lr = self.optimizers().param_groups[0]["lr"]  # a device tensor under optimizer_impl=compiled
+            lr = lr_copy(lr) if isinstance(lr, torch.Tensor) else torch.full((), lr, device=self.device)
+            self.log("train/lr", lr, batch_size=B)
         # for RoutingMetrics (this step only, detached: nothing keeps the graph alive)
         routing = [
             {"expert_ids": r.expert_ids.detach(), "logits": None if r.logits is None else r.logits.detach(),
@@ -344,12 +358,12 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer as the run config sets it: decay / no-decay groups, then the routers' two groups (if any)
-        at ``router_lr_scale`` x lr (the scheduler scales each group's own lr)."""
+        at ``router_lr_scale`` x lr (the scheduler scales each group's own lr), updated by ``optimizer_impl``."""
         groups = self._param_groups()  # (on_load_checkpoint relies on this order)
-        optimizer = self.make_optimizer([{"params": g, **({} if i % 2 == 0 else {"weight_decay": 0.0})}
-                                         for i, g in enumerate(groups)])
+        groups = [{"params": g, **({} if i % 2 == 0 else {"weight_decay": 0.0})} for i, g in enumerate(groups)]
+        optimizer = build_optimizer(self.make_optimizer, groups, self.optimizer_impl)
         for group in optimizer.param_groups[2:]:
-            group["lr"] = group["lr"] * self.router_lr_scale
+            set_lr(group, group["lr"] * self.router_lr_scale)
         return optimizer
 
     def configure_optimizers(self) -> Any:
@@ -363,22 +377,24 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         """The optimizer's settings come from the run config, also on resume: Lightning restores the param groups
         (lr, weight_decay, betas, ...) and the scheduler's base LRs as the checkpoint saved them, which would
         silently undo a change made explicit with ``resume_allow_changes`` (``optimizer.lr=<lower>`` after a
-        blow-up). Without such a change the values are the saved ones, bit for bit."""
+        blow-up). Without such a change the values are the saved ones, bit for bit. So do the implementation flags
+        (``optimizer_impl``: a run may resume with another one), with the step counters moved where it keeps them."""
         optimizer = self.trainer.optimizers[0]
-        fresh = self._make_optimizer()  # no state: the configured settings only
+        fresh = self._make_optimizer()  # no state: the configured settings only (a tensor lr: fresh's own tensor)
         for live, want in zip(optimizer.param_groups, fresh.param_groups, strict=True):
             live.update({k: v for k, v in want.items() if k != "params"})
+        place_step_counters(optimizer)
         schedulers = self.trainer.lr_scheduler_configs
         if not schedulers:
             return
         scheduler = schedulers[0].scheduler
-        scheduler.base_lrs = [g["lr"] for g in fresh.param_groups]
+        scheduler.base_lrs = [lr_copy(g["lr"]) for g in fresh.param_groups]  # the scheduler writes group["lr"]
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["initial_lr"] = base
+            group["initial_lr"] = lr_copy(base)
         if not isinstance(scheduler, LambdaLR):
             raise TypeError(f"{type(scheduler).__name__}: LitMoE recomputes the LR on resume for a LambdaLR only")
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR computes at this step
+            set_lr(group, base * factor(scheduler.last_epoch))  # what LambdaLR computes at this step
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
