@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -24,34 +23,13 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).parent))
+from optimizer_step import copy_ms, timed  # noqa: E402
 from throughput import CONFIGS, args_for, moe_train_optimizer  # noqa: E402
 
 from moe_variants import Transformer  # noqa: E402
 from moe_variants.routers.topk import TopKRouter  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def timed(fn, n: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def copy_ms(n_bytes: float) -> float:
-    """A plain copy of ``n_bytes`` (half read, half written): the memory bandwidth ceiling, in ms."""
-    src = torch.empty(int(n_bytes / 2) // 2, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return timed(lambda: dst.copy_(src))
 
 
 def step_ms(model: Transformer, impl: str) -> tuple[float, int]:
@@ -69,7 +47,7 @@ def step_ms(model: Transformer, impl: str) -> tuple[float, int]:
 
     step()  # the compiled update compiles here
     graphs = counters["stats"]["unique_graphs"]
-    t = timed(step)
+    t = timed(step, n=20, warmup=5)
     return t, counters["stats"]["unique_graphs"] - graphs
 
 
@@ -78,7 +56,7 @@ def bench(c, dtype: torch.dtype, impls: list[str]) -> None:
         model = Transformer(args_for(c), router=partial(TopKRouter), experts="grouped").to(dtype)
     n = sum(p.numel() for p in model.parameters())
     gb = 7 * n * next(model.parameters()).element_size() / 1e9
-    t_copy = copy_ms(gb * 1e9)
+    t_copy = copy_ms(int(gb * 1e9 / 2))  # it reads and writes: gb moved
     torch.cuda.empty_cache()  # (config C in fp32: the copy's buffers and AdamW's state would not fit together)
     print(f"config {c.name}, {str(dtype).removeprefix('torch.')}: {n / 1e9:.2f}B params, AdamW moves {gb:.1f} GB; "
           f"copy of the same bytes {t_copy:.2f} ms ({gb / t_copy:.2f} TB/s)", flush=True)
