@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 from conftest import CONF_DIR, TEST_CONF_DIR
 from hydra import compose, initialize_config_dir
 
+from moe_variants.training.callbacks import to_host
 from moe_variants.training.run import run
 
 E = 8
@@ -42,6 +44,23 @@ def test_routing_metrics_describe_the_logged_step(tmp_path, every=3, accumulate=
         n = step * accumulate + accumulate - 1  # the forward of the step's last micro-batch
         expected = [0.5 if j in (n % E, (n + 1) % E) else 0.0 for j in range(E)]
         assert load == pytest.approx(expected), f"step {step}"
+
+
+def test_to_host_keeps_the_structure_and_values():
+    routing = [{"expert_ids": torch.tensor([[[1, 2]]]), "logits": None, "aux": {"z": torch.tensor(0.5)}},
+               {"expert_ids": torch.tensor([[[0, 3]]]), "logits": torch.ones(1, 1, 4), "aux": {}}]
+    host, doc_start = to_host((routing, None))
+    assert doc_start is None and host[0]["logits"] is None and host[1]["aux"] == {}
+    assert host[0]["expert_ids"].tolist() == [[[1, 2]]] and float(host[0]["aux"]["z"]) == 0.5
+    assert torch.equal(host[1]["logits"], torch.ones(1, 1, 4)) and host[1]["logits"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_to_host_copies_from_the_gpu_in_one_wait():
+    ids = torch.randint(0, 8, (2, 64, 2), device="cuda")
+    host = to_host([{"expert_ids": ids, "aux": {"z": ids.float().mean()}}])
+    assert host[0]["expert_ids"].device.type == "cpu" and torch.equal(host[0]["expert_ids"], ids.cpu())
+    assert float(host[0]["aux"]["z"]) == float(ids.float().mean())
 
 
 def test_routing_metrics_refuse_another_interval():

@@ -57,14 +57,14 @@ case "${1:-}" in
     python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 30
     ;;
   lightning)
-    steps=${2:-200}
+    steps=${2:-300}
     bash experiments/router_study/device.sh setup >/dev/null
     run=runs/bench/lightning_gpu_medium
     rm -rf "$run"
     # config A's shape; one validation at the end over 4 batches per domain, so that the report's steady-state
-    # tokens/s (median of the logged 20-step windows after the first) is most of the wall time
+    # tokens/s (median of the logged 50-step windows after the first) is most of the wall time
     python3 -m moe_variants.training.run model=gpu_medium trainer=gpu experts=grouped compile=true \
-      data.seq_len=2048 data.batch_size=8 trainer.max_steps="$steps" trainer.log_every_n_steps=20 \
+      data.seq_len=2048 data.batch_size=8 trainer.max_steps="$steps" trainer.log_every_n_steps=50 \
       trainer.val_check_interval="$steps" trainer.limit_val_batches=4 hydra.run.dir="$run" logger=csv 2>&1 \
       | grep -v -i "warn" | tail -n 40
     mkdir -p "$DEST/lightning_gpu_medium"

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from moe_variants.analysis.metrics import (
     consecutive_repeat_rates,
@@ -25,6 +26,22 @@ from moe_variants.model.experts import expert_counts
 from moe_variants.routers.aux_free import AuxFreeRouter
 
 log = logging.getLogger(__name__)
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` (nested lists/dicts/tuples) with every tensor on the CPU, in one wait for the GPU: the copies are
+    queued without blocking (into pinned memory), then the stream is synchronised once, instead of once per
+    ``.cpu()`` or ``float()`` of a GPU tensor (dozens per log step: a few tensors per MoE layer)."""
+    on_gpu = []
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        on_gpu.append(t.is_cuda)
+        return t.to("cpu", non_blocking=True)
+
+    host = apply_to_collection(tree, torch.Tensor, copy)
+    if any(on_gpu):
+        torch.cuda.current_stream().synchronize()  # the queued copies are done: the host tensors may be read
+    return host
 
 
 class RoutingMetrics(L.Callback):
@@ -70,7 +87,8 @@ class RoutingMetrics(L.Callback):
         n = trainer.log_every_n_steps
         if not n or step % n or not isinstance(outputs, dict) or "routing" not in outputs:
             return  # Lightning does not write logs at this step
-        metrics = self.compute(outputs["routing"], pl_module.model.args.num_experts, outputs.get("doc_start"))
+        routing, doc_start = to_host((outputs["routing"], outputs.get("doc_start")))
+        metrics = self.compute(routing, pl_module.model.args.num_experts, doc_start)
         if not self.per_expert:
             metrics = {k: v for k, v in metrics.items() if "/load/e" not in k}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
