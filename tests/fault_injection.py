@@ -3,21 +3,23 @@
 Added to a run with ``+callbacks.kill._target_=fault_injection.KillAt +callbacks.kill.step=K`` and optionally
 ``+callbacks.kill.during_save=true`` or ``+callbacks.kill.signal=SIGINT`` (or ``SIGTERM``); ``NanGradAt`` poisons a
 gradient, ``BlowUpAt`` makes one optimizer step ruin the weights, ``InfStateAt`` puts an inf into the optimizer
-state."""
+state; ``CountStopReductions`` writes how often ``SaveOnStop`` made an all-reduce of its own."""
 
 from __future__ import annotations
 
 import io
 import os
 import signal as signal_module
+import sys
 
 import lightning as L
 import torch
 
 
 class KillAt(L.Callback):
-    def __init__(self, step: int, during_save: bool = False, signal: str = "SIGKILL") -> None:
+    def __init__(self, step: int, during_save: bool = False, signal: str = "SIGKILL", rank: int | None = None) -> None:
         self.step, self.during_save, self.signal = int(step), bool(during_save), getattr(signal_module, signal)
+        self.rank = rank  # None: every process of the run; else only that global rank's
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.during_save:
@@ -37,7 +39,7 @@ class KillAt(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         # checkpoint callbacks run after every other callback: SIGKILL lands before step K's checkpoint is written
-        if not self.during_save and trainer.global_step == self.step:
+        if not self.during_save and trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signal)
 
 
@@ -79,3 +81,27 @@ class InfStateAt(L.Callback):
         if trainer.global_step == self.step + 1:
             state = next(s for s in trainer.optimizers[0].state.values() if "exp_avg_sq" in s)
             state["exp_avg_sq"].view(-1)[0] = float("inf")
+
+
+class CountStopReductions(L.Callback):
+    """Counts the all-reduces ``SaveOnStop.on_train_batch_end`` makes itself (``reduce_boolean_decision``), in
+    ``<default_root_dir>/stop_reductions-rank<R>.txt`` (rewritten at each one: a run that stops keeps its count)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        path = os.path.join(trainer.default_root_dir, f"stop_reductions-rank{trainer.global_rank}.txt")
+        real, count = trainer.strategy.reduce_boolean_decision, [0]
+
+        def write() -> None:
+            with open(path, "w") as f:
+                f.write(str(count[0]))
+
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_name == "on_train_batch_end" and type(caller.f_locals.get("self")).__name__ \
+                    == "SaveOnStop":
+                count[0] += 1
+                write()
+            return real(*args, **kwargs)
+
+        write()
+        trainer.strategy.reduce_boolean_decision = counted

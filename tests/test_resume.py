@@ -164,6 +164,23 @@ def test_ddp_resume_before_the_halfway_point_is_exact(tmp_path_factory, corpus):
     assert all(torch.equal(final["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_ddp_ranks_stop_together_without_a_sync_of_their_own(tmp_path, corpus, signalled_rank):
+    """Two processes, SIGTERM to one of them at the end of step 3: both stop after the same step, agreeing through
+    the NaN/inf check's one all-reduce per step (SaveOnStop makes none of its own). That all-reduce came before the
+    signal, so the agreement, and the stop, come with the next step: 4, saved."""
+    proc = run_ddp(tmp_path, corpus, "trainer.max_steps=8",
+                   "+callbacks.kill._target_=fault_injection.KillAt", "+callbacks.kill.step=3",
+                   "+callbacks.kill.signal=SIGTERM", f"+callbacks.kill.rank={signalled_rank}",
+                   "+callbacks.count._target_=fault_injection.CountStopReductions")
+    assert proc.returncode in (130, 143), proc.stderr[-3000:]
+    assert proc.stderr.count("interrupted (") == 2 and proc.stderr.count("step 4 saved to") == 2, proc.stderr[-3000:]
+    assert checkpoint(tmp_path)["global_step"] == 4
+    counts = [int((tmp_path / f"stop_reductions-rank{r}.txt").read_text()) for r in (0, 1)]
+    assert counts == [0, 0]
+
+
 @pytest.fixture(scope="module")
 def shard_data(tmp_path_factory, corpus):
     """``data=datasets`` overrides: the same texts as JSON Lines, tokenized once into shards (ShardDataModule's

@@ -43,8 +43,9 @@ class Interrupted(BaseException):  # not an Exception: nothing on the way out of
 class SaveOnStop(Checkpoint):
     """Saves the step where ``fit`` ends to ``checkpoint`` unless a checkpoint of that step was just written, and
     installs the SIGINT and SIGTERM handlers for the duration of training (main thread only; elsewhere they are
-    Python's and Lightning's). With several processes, the ranks agree (a boolean all-reduce per batch) so that all
-    stop at the same step, also when only some of them got the signal.
+    Python's and Lightning's). With several processes, the ranks agree so that all stop at the same step, also when
+    only some of them got the signal: through :meth:`agree`, from the all-reduce that ``LitMoE``'s NaN/inf check
+    makes at every optimizer step anyway, else by an all-reduce of its own (each a GPU sync).
 
     A ``Checkpoint`` callback so that Lightning runs it after ``ModelCheckpoint`` (checkpoint callbacks run last, in
     their order): what that one has just saved is not written twice."""
@@ -56,9 +57,16 @@ class SaveOnStop(Checkpoint):
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = -1
         self._saved_step = -1  # global step of the last checkpoint written in this process
+        self._agreed: tuple[int, bool] | None = None  # (global step, whether any rank asked to stop): see agree
+
+    def agree(self, step: int, requested_on_any_rank: bool) -> None:
+        """The ranks' joint decision for the optimizer step that ends at global step ``step``, read from an all-reduce
+        that another part of the step makes anyway (``LitMoE.on_before_optimizer_step``): the end of that batch then
+        makes none of its own. A signal that comes after it counts at the next step, on every rank alike."""
+        self._agreed = (step, requested_on_any_rank)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.requested, self.signum = False, None
+        self.requested, self.signum, self._agreed = False, None, None
         if trainer.global_step == 0 and trainer.ckpt_path is None:  # a fresh run's initial state: a run that
             trainer.save_checkpoint(self.checkpoint)  # blows up at its first step still has one to resume from
         if threading.current_thread() is threading.main_thread():
@@ -77,10 +85,16 @@ class SaveOnStop(Checkpoint):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start:  # mid gradient accumulation: no step ended (all ranks)
+            return
         requested = self.requested
         if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested or trainer.global_step == self._step_at_batch_start:  # mid gradient accumulation
+            agreed = self._agreed
+            if agreed is not None and agreed[0] == trainer.global_step:
+                requested = agreed[1]
+            else:
+                requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
             return
         if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self.checkpoint)

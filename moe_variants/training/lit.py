@@ -26,6 +26,7 @@ from moe_variants.parallel.lightning import ExpertParallelHooks
 from moe_variants.parallel.load_balance import check_load_balance_scope, use_global_load_balance
 from moe_variants.parallel.overlap import OverlappedDispatcher
 from moe_variants.training.checkpoint import CONFIG_KEY, nonfinite
+from moe_variants.training.interrupt import SaveOnStop
 from moe_variants.training.optim import (
     build_optimizer,
     check_optimizer_impl,
@@ -210,11 +211,19 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
         if not values and last is None:
             return
         this_bad = (~torch.isfinite(torch.cat([v.to(self.device) for v in values]))).any() if values else None
-        last_bad, this_bad = self._read_flags(None if last is None else last.bad, this_bad)
+        # with several processes, SaveOnStop's "a rank got Ctrl-C/SIGTERM" rides on the same all-reduce and read
+        stop = self._save_on_stop() if self.trainer.world_size > 1 else None
+        stop_flag = None if stop is None else torch.full((), float(stop.requested), device=self.device)
+        last_bad, this_bad, stop_any = self._read_flags(None if last is None else last.bad, this_bad, stop_flag)
+        if stop is not None:
+            stop.agree(self.global_step + 1, stop_any)  # the step this optimizer step ends at
         if last_bad:  # first: this step's NaN would only be a consequence of the ruined weights
             raise FloatingPointError(self._blow_up_message(getattr(optimizer, "optimizer", optimizer), last))
         if this_bad:
             raise FloatingPointError(self._nonfinite_message(losses, optimizer))
+
+    def _save_on_stop(self) -> SaveOnStop | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, SaveOnStop)), None)
 
     def _read_flags(self, *flags: torch.Tensor | None) -> list[bool]:
         """0-dim device flags (nonzero = bad; None = nothing checked) -> bools, in one device -> host read; with
