@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from moe_variants import ModelArgs
 
@@ -35,3 +38,19 @@ def _offline_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
         monkeypatch.setenv(var, str(cache / sub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+
+
+def spawn_gloo(check, world: int, tmp_path: Path, *args) -> None:
+    """Run ``check(rank, *args)`` in ``world`` processes joined in one gloo process group (one CPU thread each,
+    rendezvous through a file in ``tmp_path``); a failure in any process fails the caller. ``check`` must be a
+    module-level function (the processes are spawned: it is pickled by name)."""
+    mp.spawn(_gloo_process, args=(check, world, f"file://{tmp_path / 'rendezvous'}", args), nprocs=world, join=True)
+
+
+def _gloo_process(rank: int, check, world: int, init_method: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        check(rank, *args)
+    finally:
+        dist.destroy_process_group()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from test_parallel import B, batch, build, close
 
 from moe_variants import ModelArgs, Transformer
@@ -74,54 +74,44 @@ def _check_router(rank: int, router: str) -> None:
         close(got, local.eval()(ids[rows]).routing[0].aux_losses["load_balance"], f"{router}: eval scope")
 
 
-def _worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        _constructed_case(rank)
-        for router in ("topk", "span"):
-            _check_router(rank, router)
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> None:
+    _constructed_case(rank)
+    for router in ("topk", "span"):
+        _check_router(rank, router)
 
 
 def test_global_load_balance_matches_single_process(tmp_path: Path):
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_checks, WORLD, tmp_path)
 
 
-def _compiled_worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64,
-                                      num_experts=4, num_experts_per_tok=2, max_seq_len=16),
-                            router=TopKRouter, experts="grouped").to(torch.bfloat16)  # the GPU path's experts
-        use_global_load_balance(model)
-        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+def _compiled_checks(rank: int) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64,
+                                  num_experts=4, num_experts_per_tok=2, max_seq_len=16),
+                        router=TopKRouter, experts="grouped").to(torch.bfloat16)  # the GPU path's experts
+    use_global_load_balance(model)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
 
-        def lb_and_grads(m):
-            model.zero_grad()
-            lb = m(ids, labels=ids).routing[0].aux_losses["load_balance"]
-            lb.backward()
-            # (a parameter the loss does not reach: None eagerly, zeros compiled)
-            return lb.detach().float(), [torch.zeros_like(p, dtype=torch.float) if p.grad is None else p.grad.float()
-                                         for p in model.parameters()]
+    def lb_and_grads(m):
+        model.zero_grad()
+        lb = m(ids, labels=ids).routing[0].aux_losses["load_balance"]
+        lb.backward()
+        # (a parameter the loss does not reach: None eagerly, zeros compiled)
+        return lb.detach().float(), [torch.zeros_like(p, dtype=torch.float) if p.grad is None else p.grad.float()
+                                     for p in model.parameters()]
 
-        eager_lb, eager_grads = lb_and_grads(model)
-        compiled_lb, compiled_grads = lb_and_grads(torch.compile(model, fullgraph=True))  # no graph break
-        torch.testing.assert_close(compiled_lb, eager_lb, atol=1e-3, rtol=1e-2)
-        for got, want in zip(compiled_grads, eager_grads, strict=True):
-            torch.testing.assert_close(got, want, atol=4e-3, rtol=2e-2)
-    finally:
-        dist.destroy_process_group()
+    eager_lb, eager_grads = lb_and_grads(model)
+    compiled_lb, compiled_grads = lb_and_grads(torch.compile(model, fullgraph=True))  # no graph break
+    torch.testing.assert_close(compiled_lb, eager_lb, atol=1e-3, rtol=1e-2)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=4e-3, rtol=2e-2)
 
 
 @pytest.mark.slow
 def test_global_scope_compiles_to_one_graph(tmp_path: Path):
     """The all-reduce of the statistics traces into the compiled graph (the GPU path runs compiled): same loss and
     gradients as eager."""
-    mp.spawn(_compiled_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_compiled_checks, WORLD, tmp_path)
 
 
 def test_scope_is_checked():

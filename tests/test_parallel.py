@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 
 from moe_variants import ModelArgs, Transformer
 from moe_variants.parallel import expert_parallel as P
@@ -145,24 +145,19 @@ def _check_router(rank: int, router: str, experts: str) -> None:
         raise AssertionError("loading a shard into a one-process model did not fail")
 
 
-def _worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        for router, experts in (("topk", "loop"), ("hash", "grouped"), ("span", "loop")):
-            _check_router(rank, router, experts)
-        try:  # E=3 experts cannot be split over 2 ranks
-            P.apply_expert_parallel(build("topk", num_experts=3))
-        except ValueError as e:
-            assert "choose an expert-parallel size dividing num_experts" in str(e), e
-        else:
-            raise AssertionError("num_experts % ep_size != 0 did not fail")
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> None:
+    for router, experts in (("topk", "loop"), ("hash", "grouped"), ("span", "loop")):
+        _check_router(rank, router, experts)
+    try:  # E=3 experts cannot be split over 2 ranks
+        P.apply_expert_parallel(build("topk", num_experts=3))
+    except ValueError as e:
+        assert "choose an expert-parallel size dividing num_experts" in str(e), e
+    else:
+        raise AssertionError("num_experts % ep_size != 0 did not fail")
 
 
 def test_expert_parallel_matches_single_process(tmp_path: Path):
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_checks, WORLD, tmp_path)
 
 
 # -- single-process checks ------------------------------------------------------------------------------------

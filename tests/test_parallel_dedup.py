@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from test_parallel import batch, build, check_ep_loss_and_grads, close
 
 from moe_variants.model.experts import LoopExperts
@@ -76,16 +76,11 @@ def _check_model(rank: int, router: str) -> None:
     check_ep_loss_and_grads(model, ref, ref_loss, ids, labels, rank, WORLD, router)
 
 
-def _worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        _check_known_answers(rank)
-        for router in ("topk", "span"):
-            _check_model(rank, router)
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> None:
+    _check_known_answers(rank)
+    for router in ("topk", "span"):
+        _check_model(rank, router)
 
 
 def test_one_copy_per_rank_dispatcher(tmp_path: Path):
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_checks, WORLD, tmp_path)

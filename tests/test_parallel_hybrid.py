@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from test_parallel import B, batch, build, close
 
 from moe_variants.parallel import expert_parallel as P
@@ -87,22 +87,17 @@ def _check_reshard(rank: int, full: dict[str, torch.Tensor], router: str, expert
         close(model(ids[rows]).logits, want, f"reloaded into EP {ep_size}: logits")
 
 
-def _worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
+def _checks(rank: int) -> None:
+    full = {ep: _check_layout(rank, ep, "topk", "loop") for ep in LAYOUTS}
+    _check_layout(rank, 2, "hash", "grouped")
+    _check_reshard(rank, full[2], "topk", "loop")  # EP 2 x DP 2 -> EP 4, EP 2 x DP 2, one process
     try:
-        full = {ep: _check_layout(rank, ep, "topk", "loop") for ep in LAYOUTS}
-        _check_layout(rank, 2, "hash", "grouped")
-        _check_reshard(rank, full[2], "topk", "loop")  # EP 2 x DP 2 -> EP 4, EP 2 x DP 2, one process
-        try:
-            P.expert_parallel_groups(3)
-        except ValueError as e:
-            assert "does not divide the 4 processes" in str(e) and "[1, 2, 4]" in str(e), e
-        else:
-            raise AssertionError("an EP size not dividing the world did not fail")
-    finally:
-        dist.destroy_process_group()
+        P.expert_parallel_groups(3)
+    except ValueError as e:
+        assert "does not divide the 4 processes" in str(e) and "[1, 2, 4]" in str(e), e
+    else:
+        raise AssertionError("an EP size not dividing the world did not fail")
 
 
 def test_hybrid_layouts_match_single_process(tmp_path: Path):
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_checks, WORLD, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from test_parallel import B, batch, build, check_ep_loss_and_grads, close
 
 from moe_variants.model.experts import LoopExperts
@@ -95,31 +95,26 @@ def _check_model(rank: int, world: int, router: str, planned: bool) -> None:
     check_ep_loss_and_grads(model, ref, ref_loss, ids, labels, rank, world, what)
 
 
-def _worker(rank: int, world: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    try:
-        if world == 2:
-            drop = torch.tensor([[True, True], [True, False], [True, True], [True, True]]) if rank == 0 else None
-            for name, ids in IDS.items():
-                _check_layer(rank, world, ids[rank], None, name)
-                _check_layer(rank, world, ids[rank], drop, f"{name}, dropped copies")
-        else:  # every rank receives rows from every source
-            g = torch.Generator().manual_seed(rank)
-            _check_layer(rank, world, torch.randint(0, E, (6, 2), generator=g), None, f"random ids, {world} ranks")
-        for router, planned in (("topk", False), ("hash", True), ("hash", False)):
-            _check_model(rank, world, router, planned)
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int, world: int) -> None:
+    if world == 2:
+        drop = torch.tensor([[True, True], [True, False], [True, True], [True, True]]) if rank == 0 else None
+        for name, ids in IDS.items():
+            _check_layer(rank, world, ids[rank], None, name)
+            _check_layer(rank, world, ids[rank], drop, f"{name}, dropped copies")
+    else:  # every rank receives rows from every source
+        g = torch.Generator().manual_seed(rank)
+        _check_layer(rank, world, torch.randint(0, E, (6, 2), generator=g), None, f"random ids, {world} ranks")
+    for router, planned in (("topk", False), ("hash", True), ("hash", False)):
+        _check_model(rank, world, router, planned)
 
 
 def test_overlapped_dispatcher_matches_plain_and_one_process(tmp_path: Path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)
+    spawn_gloo(_checks, 2, tmp_path, 2)
 
 
 @pytest.mark.slow
 def test_overlapped_dispatcher_four_ranks(tmp_path: Path):
-    mp.spawn(_worker, args=(4, f"file://{tmp_path / 'rendezvous'}"), nprocs=4, join=True)
+    spawn_gloo(_checks, 4, tmp_path, 4)
 
 
 def test_overlap_config(tmp_path: Path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from test_parallel import WORLD, B, batch, check_ep_loss_and_grads, tiny_args
 
 from moe_variants import Transformer
@@ -117,17 +117,12 @@ def _check_fallbacks(rank: int) -> None:
         assert n == {"exchanges": LAYERS, "syncs": LAYERS}, (model.routers[0].describe(), n)
 
 
-def _worker(rank: int, init_method: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        for router in ("hash", "first_piece"):
-            for dispatcher in (P.AllToAllDispatcher, OneCopyPerRankDispatcher):
-                _check_planned(rank, router, dispatcher)
-        _check_fallbacks(rank)
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> None:
+    for router in ("hash", "first_piece"):
+        for dispatcher in (P.AllToAllDispatcher, OneCopyPerRankDispatcher):
+            _check_planned(rank, router, dispatcher)
+    _check_fallbacks(rank)
 
 
 def test_one_count_exchange_per_forward_for_token_id_routers(tmp_path: Path):
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=WORLD, join=True)
+    spawn_gloo(_checks, WORLD, tmp_path)

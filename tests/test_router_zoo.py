@@ -15,10 +15,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import CONF_DIR, TEST_CONF_DIR
+from conftest import CONF_DIR, TEST_CONF_DIR, spawn_gloo
 from hydra import compose, initialize_config_dir
 
 from moe_variants import ModelArgs, Transformer
@@ -296,43 +294,38 @@ def test_hf_export_refuses_what_mixtral_cannot_express(router, args, message, tm
 
 
 # -- expert parallelism with skipped copies -----------------------------------------------------------------
-def _ep_worker(rank: int, init_method: str) -> None:
+def _ep_checks(rank: int) -> None:
     from moe_variants.parallel import expert_parallel as P
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
-    try:
-        ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
-        cases = {"capacity+shared": (TopKRouter, dict(capacity_factor=0.75, allow_lookahead=True,
-                                                      num_shared_experts=1)),
-                 "expert_choice": (functools.partial(ExpertChoiceRouter, allow_lookahead=True), {})}
-        for name, (router, kw) in cases.items():
-            args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=128,
-                             num_experts=4, num_experts_per_tok=2, max_seq_len=64, **kw)
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    cases = {"capacity+shared": (TopKRouter, dict(capacity_factor=0.75, allow_lookahead=True,
+                                                  num_shared_experts=1)),
+             "expert_choice": (functools.partial(ExpertChoiceRouter, allow_lookahead=True), {})}
+    for name, (router, kw) in cases.items():
+        args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=128,
+                         num_experts=4, num_experts_per_tok=2, max_seq_len=64, **kw)
+        torch.manual_seed(0)
+        ep = P.apply_expert_parallel(Transformer(args, router=router))
+        out = ep(ids[2 * rank: 2 * rank + 2], labels=ids[2 * rank: 2 * rank + 2])
+        assert all(r.dropped.any() for r in out.routing), name
+        out.lm_loss.backward()
+        # capacity and expert choice act on each rank's own tokens: the reference is one process per row block
+        expert_grads = 0
+        for r in range(2):
             torch.manual_seed(0)
-            ep = P.apply_expert_parallel(Transformer(args, router=router))
-            out = ep(ids[2 * rank: 2 * rank + 2], labels=ids[2 * rank: 2 * rank + 2])
-            assert all(r.dropped.any() for r in out.routing), name
-            out.lm_loss.backward()
-            # capacity and expert choice act on each rank's own tokens: the reference is one process per row block
-            expert_grads = 0
-            for r in range(2):
-                torch.manual_seed(0)
-                ref = Transformer(args, router=router)
-                ref_out = ref(ids[2 * r: 2 * r + 2], labels=ids[2 * r: 2 * r + 2])
-                if r == rank:
-                    torch.testing.assert_close(out.lm_loss, ref_out.lm_loss, msg=name)
-                ref_out.lm_loss.backward()
-                expert_grads = expert_grads + ref.layers[0].feed_forward.experts.w13.grad
-            lo, hi = P.local_expert_range(4, 2, rank)
-            torch.testing.assert_close(ep.layers[0].feed_forward.experts.w13.grad, expert_grads[lo:hi],
-                                       rtol=1e-5, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
+            ref = Transformer(args, router=router)
+            ref_out = ref(ids[2 * r: 2 * r + 2], labels=ids[2 * r: 2 * r + 2])
+            if r == rank:
+                torch.testing.assert_close(out.lm_loss, ref_out.lm_loss, msg=name)
+            ref_out.lm_loss.backward()
+            expert_grads = expert_grads + ref.layers[0].feed_forward.experts.w13.grad
+        lo, hi = P.local_expert_range(4, 2, rank)
+        torch.testing.assert_close(ep.layers[0].feed_forward.experts.w13.grad, expert_grads[lo:hi],
+                                   rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_expert_parallel_skips_dropped_copies(tmp_path: Path):
-    mp.spawn(_ep_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2, join=True)
+    spawn_gloo(_ep_checks, 2, tmp_path)
 
 
 # -- moe-train and moe-analyze on the variants --------------------------------------------------------------

@@ -232,9 +232,7 @@ class LitMoE(ExpertParallelHooks, L.LightningModule):
                                for f in flags])  # (F,); no tensor made from a host value: that would sync too
         if self.trainer.world_size > 1:
             stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
-        bits = 2 ** torch.arange(len(flags), device=stacked.device)
-        code = int(((stacked > 0).long() * bits).sum())
-        return [bool(code >> i & 1) for i in range(len(flags))]
+        return (stacked > 0).tolist()  # one copy of the (F,) flags to the host
 
     def _nonfinite_message(self, losses: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
                            optimizer: Optimizer) -> str:
