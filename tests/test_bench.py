@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "throughput.py"
 VARIANTS = ["hf_grouped_mm", "ours_topk", "ours_topk_bf16_mixed", "ours_hash", "ours_span", "ours_topk_forced_balanced",
             "ours_aux_free", "ours_topk_capacity1.0", "ours_fine_grained_shared2", "ours_topk_slice_swiglu",
-            "ours_topk_fused_adamw"]
+            "ours_topk_fused_adamw", "ours_topk_bf16_mixed_clip"]
 
 
 def test_throughput_benchmark_smoke(tmp_path):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speed measurements on one GPU machine without network access, each command well under 10 minutes. With OUT
-# set to a folder, every command copies what it wrote into $OUT/bench/ (unpack into results/bench/ here).
+# set to a folder, every command writes into $OUT/bench/ (copy into results/bench/ here), else into results/bench/.
 #
 #   bash experiments/bench/device.sh config A [VARIANT ...]  # throughput.py for one config (default: the variants
 #                                                           # of the results table)
@@ -14,19 +14,17 @@
 #
 # A config's variants: HF's best (grouped_mm + torch.compile, the baseline), ours with each router, and beside
 # ours_topk the forms that say what each change bought (the optimizer step of the benchmark before, fused AdamW;
-# the SwiGLU derivative left to autograd) and the bf16-mixed step that moe-train's GPU trainer runs.
+# the SwiGLU derivative left to autograd) and the bf16-mixed step that moe-train's GPU trainer runs, without and
+# with its gradient clipping.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-DEST=results/bench
+DEST=${OUT:+$OUT/bench}  # with OUT set, straight into it (what a killed command wrote still comes back)
+DEST=${DEST:-results/bench}
+mkdir -p "$DEST"
 VARIANTS=(hf_grouped_mm_compile ours_topk ours_topk_fused_adamw ours_topk_slice_swiglu ours_topk_bf16_mixed
-          ours_hash ours_span)
+          ours_topk_bf16_mixed_clip ours_hash ours_span)
 
-keep() {  # copy the given files into $OUT/bench (if OUT is set)
-  [ -n "${OUT:-}" ] || return 0
-  mkdir -p "$OUT/bench"
-  cp -r "$@" "$OUT/bench/"
-}
 
 case "${1:-}" in
   config)
@@ -36,21 +34,18 @@ case "${1:-}" in
     [ ${#variants[@]} -gt 0 ] || variants=("${VARIANTS[@]}")
     python3 experiments/bench/throughput.py --config "$name" --variants "${variants[@]}" --out "$DEST" 2>&1 \
       | grep -v -i "warn" | tee "$DEST/throughput-$name.log"
-    keep "$DEST/throughput-$name.json" "$DEST/throughput-$name.md" "$DEST/throughput-$name.log"
     ;;
   micro)
     shift
     [ $# -gt 0 ] || set -- A B C
     python3 experiments/bench/optimizer_step.py --config "$@" 2>&1 | grep -v "^W[0-9]" \
       | tee "$DEST/optimizer-swiglu-microbench.txt"
-    keep "$DEST/optimizer-swiglu-microbench.txt"
     ;;
   profile)
     shift
     [ $# -gt 0 ] || set -- A B C
     python3 experiments/bench/profile_step.py --config "$@" 2>&1 | grep -v -i "warn" \
       | tee "$DEST/profile-compiled-step.txt"
-    keep "$DEST/profile-compiled-step.txt"
     ;;
   gpu-tests)
     bash experiments/router_study/device.sh setup >/dev/null  # hydra, omegaconf, wandb and the embedded corpus
@@ -69,7 +64,6 @@ case "${1:-}" in
       | grep -v -i "warn" | tail -n 40
     mkdir -p "$DEST/lightning_gpu_medium"
     cp "$run"/report.md "$run"/report.json "$DEST/lightning_gpu_medium/"
-    keep "$DEST/lightning_gpu_medium"
     ;;
   *)
     sed -n '2,16p' "$0"

@@ -2,16 +2,15 @@
 
 One run times, on the same device and the same shapes (bf16 weights, AdamW, forward + backward + step; HF with
 torch's fused AdamW, HF Trainer's default; ours with the optimizer ``moe-train`` builds: ``LitMoE``'s parameter
-groups and LR schedule, the update of ``optimizer_impl``, by default ``auto``: compiled with the compiled model):
-HF eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts,
-chunked cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced
-routing, topk in bf16-mixed precision (fp32 weights and optimizer state, bf16 autocast: the recipe of
-``moe-train``'s GPU trainer, so its step time has a reference), and the causal variants of the router zoo:
-aux_free (DeepSeek-V3 sigmoid + selection bias), top-k with capacity dropping (capacity factor 1.0 and 1.25), and
-at the same active expert width fine-grained experts (4x as many, 4x narrower, top-4K) with and without 2 shared
-experts. It prints tokens/s, model FLOP utilisation against
-a bf16 matmul ceiling measured in the same run, peak memory, and ratios against the best HF variant; it writes JSON
-+ a markdown table.
+groups and LR schedule, the update of ``optimizer_impl``, by default ``auto``: compiled with the compiled model): HF
+eager experts, HF grouped_mm experts, HF grouped_mm + torch.compile, and our model (grouped experts, chunked
+cross-entropy, torch.compile) with each router (topk, hash, span), plus topk under forced-balanced routing, topk in
+bf16-mixed precision (fp32 weights and optimizer state, bf16 autocast: the recipe of ``moe-train``'s GPU trainer, so
+its step time has a reference; once more with its gradient clipping), and the causal variants of the router zoo:
+aux_free (DeepSeek-V3 sigmoid + selection bias), top-k with capacity dropping (capacity factor 1.0 and 1.25), and at
+the same active expert width fine-grained experts (4x as many, 4x narrower, top-4K) with and without 2 shared
+experts. It prints tokens/s, model FLOP utilisation against a bf16 matmul ceiling measured in the same run, peak
+memory, and ratios against the best HF variant; it writes JSON + a markdown table.
 
     python experiments/bench/throughput.py --config A            # on the GPU (results/bench/)
     python experiments/bench/throughput.py --smoke                # CPU-sized smoke run (no timing claims)
@@ -172,11 +171,12 @@ def moe_train_optimizer(model: Transformer, impl: str, steps: int):
 
 
 def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, steps: int, warmup: int,
-                 mixed: bool = False, optimizer_impl: str = "auto") -> dict:
+                 mixed: bool = False, optimizer_impl: str = "auto", clip: float | None = None) -> dict:
     """Median step time of ``build()``'s model. ``mixed``: fp32 weights and AdamW state, the step under bf16
     autocast (``moe-train``'s ``bf16-mixed``); otherwise bf16 weights and state (how HF and ours are compared).
     HF's models step torch's fused AdamW, ours ``moe-train``'s optimizer with ``optimizer_impl`` (``training.optim``;
-    auto: compiled when ``compile_``, else fused)."""
+    auto: compiled when ``compile_``, else fused). ``clip``: the gradients clipped to this total 2-norm before the
+    step (``torch.nn.utils.clip_grad_norm_``, as Lightning's ``gradient_clip_val`` does)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -201,6 +201,8 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=mixed):
             loss = loss_fn(step_model, next(next_batch))
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sched is not None:
             sched.step()
@@ -213,16 +215,19 @@ def time_variant(name: str, build, c: BenchConfig, device: str, compile_: bool, 
     if device == "cuda":
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+    # steps back to back, as in a training loop: no sync between them (a sync per step would add the host's
+    # launch latency to every step); an event between consecutive steps times each one on the GPU
+    if device == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for event in events[1:]:
             step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
+            event.record()
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+    else:
+        times = []
+        for _ in range(steps):
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
@@ -265,6 +270,8 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
         ("ours_topk", lambda: our_model(c, partial(TopKRouter)), compile_),
         # the Lightning path's precision (trainer.precision=bf16-mixed): its reference for moe-train's step time
         ("ours_topk_bf16_mixed", lambda: our_model(c, partial(TopKRouter)), compile_, True),
+        # and with its gradient clipping (conf/trainer/default.yaml: gradient_clip_val=1.0): moe-train's whole step
+        ("ours_topk_bf16_mixed_clip", lambda: our_model(c, partial(TopKRouter)), compile_, True),
         # the SwiGLU derivative as autograd writes it (two zero-padded slice gradients): what _SwiGLU bought
         ("ours_topk_slice_swiglu", lambda: our_model(c, partial(TopKRouter)), compile_),
         ("ours_topk_fused_adamw", lambda: our_model(c, partial(TopKRouter)), compile_),
@@ -287,7 +294,7 @@ def run(c: BenchConfig, device: str, steps: int, warmup: int, skip_hf: bool, var
             impl = "fused" if name.endswith("_fused_adamw") else optimizer_impl
             with slice_swiglu() if name.endswith("_slice_swiglu") else contextlib.nullcontext():
                 results.append(time_variant(name, build, c, device, comp, steps, warmup, mixed=bool(mixed),
-                                            optimizer_impl=impl))
+                                            optimizer_impl=impl, clip=1.0 if name.endswith("_clip") else None))
         except Exception as err:  # a failing variant is reported, not hidden, and the rest still run
             print(f"  {name}: FAILED {type(err).__name__}: {err}"[:400], flush=True)
             results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:400]})
