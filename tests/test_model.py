@@ -20,7 +20,7 @@ from moe_variants.model.experts import (
     swiglu,
 )
 from moe_variants.model.losses import compose_loss, load_balance_loss
-from moe_variants.model.transformer import RMSNorm
+from moe_variants.model.transformer import ChunkedLinearCrossEntropy, RMSNorm
 from moe_variants.routers.hash import HashRouter
 from moe_variants.routers.topk import TopKRouter
 
@@ -374,3 +374,28 @@ def test_out_of_vocab_and_too_long_inputs_fail_clearly():
         model(torch.tensor([[1, 2, 500]]))
     with pytest.raises(ValueError, match="max_seq_len=128"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
+def test_chunked_loss_gradients_in_bf16_match_full_cross_entropy(precision):
+    """bf16 weights: the LM head's gradient summed over 4 chunks inside the GEMMs (addmm_) is the full
+    cross-entropy's to bf16 rounding; fp32 weights under bf16 autocast: summed in fp32, an fp32 gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(52, 64)
+    weight = torch.randn(500, 64) / 8
+    labels = torch.randint(0, 500, (52,))
+    labels[::5] = -100
+    autocast = precision == "bf16-autocast"
+    if not autocast:
+        h, weight = h.bfloat16(), weight.bfloat16()
+    h.requires_grad_(True)
+    weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        chunked = ChunkedLinearCrossEntropy.apply(h, weight, labels, 13)
+    grads = torch.autograd.grad(chunked, (h, weight))
+    assert grads[1].dtype == weight.dtype
+    ref = F.cross_entropy((h.double() @ weight.double().t()), labels, ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (h, weight))
+    torch.testing.assert_close(chunked.double(), ref.detach(), rtol=1e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=2e-2, atol=2e-2 * float(r.abs().max()))

@@ -180,13 +180,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``h @ weight.T`` against ``labels`` (-100 = ignore), in token chunks.
 
     The forward pass also computes both gradients chunk by chunk (softmax - one_hot is known once the logits
-    are), so only one chunk of logits is ever alive and backward just scales the stored gradients.
+    are), so only one chunk of logits is ever alive and backward just scales the stored gradients. The weight's
+    gradient is summed over the chunks in the weight's dtype: without autocast the GEMM adds each chunk's product
+    in its epilogue (``addmm_``: summed in fp32, rounded to the weight's dtype once per chunk); under autocast (fp32
+    weights, bf16 products) each product is added in fp32.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: ANN001
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = None  # (V, D) in weight.dtype
+        # the chunk products come out in the weight's dtype: add them in the GEMM (an in-place addmm_ is not
+        # autocast's, it would run in the inputs' dtype, fp32 GEMMs under bf16-mixed)
+        in_gemm = not torch.is_autocast_enabled(h.device.type) and h.dtype == weight.dtype
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
@@ -205,8 +211,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
             d_logits = (d_logits * valid[:, None]).to(h.dtype)
             grad_h[start : start + chunk] = d_logits @ weight
-            grad_w += (d_logits.t() @ h_c).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            if grad_w is not None and in_gemm:
+                grad_w.addmm_(d_logits.t(), h_c)
+            else:
+                product = (d_logits.t() @ h_c).to(weight.dtype)
+                grad_w = product if grad_w is None else grad_w.add_(product)
+        ctx.save_for_backward(grad_h, torch.zeros_like(weight) if grad_w is None else grad_w)
         return total
 
     @staticmethod
