@@ -3,13 +3,17 @@ learned run's is not, and the history survives a resume."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_train import SMALL, compose_run
 
+from moe_variants import ModelArgs, Transformer
 from moe_variants.analysis.metrics import expert_sets, set_churn
+from moe_variants.routers.topk import TopKRouter
 from moe_variants.training.callbacks import RoutingChurn
 from moe_variants.training.run import run
 
@@ -59,3 +63,25 @@ def test_churn_history_goes_on_across_a_resume(tmp_path):
     resumed = run(compose_run(tmp_path / "resumed", *VAL_EVERY_2, "trainer.max_steps=4", "ckpt_path=last"))
     assert resumed["churn"] == whole["churn"] and whole["churn"][-1]["churn_from_init"] > 0
     assert resumed["val_loss"] == whole["val_loss"]
+
+
+def test_every_probe_forward_has_the_same_batch_size():
+    """A probe of 11 windows runs as two forwards of 8 rows (a smaller last batch would make a compiled model
+    compile again); the sets of the 11 windows are those of each window alone (top-k routes token by token)."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=100, num_experts=4,
+                     num_experts_per_tok=2, max_seq_len=16)
+    model = Transformer(args, router=TopKRouter)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+    churn = RoutingChurn()
+    churn.probe = torch.randint(0, 100, (11, 16))
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    sets = churn.routing_sets(trainer, module)
+    assert shapes == [(8, 16), (8, 16)]
+    assert sets.shape == (11, 16, 2, 2)
+    for i in (0, 9, 10):  # the first window, and two of the padded last forward
+        single = RoutingChurn()
+        single.probe = churn.probe[i : i + 1]
+        assert torch.equal(single.routing_sets(trainer, module)[0], sets[i])

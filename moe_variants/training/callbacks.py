@@ -245,9 +245,14 @@ class RoutingChurn(L.Callback):
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for ids in self.probe.split(self.batch_rows):  # no logits: the routing is all it needs
+                    rows = ids.shape[0]
+                    # every forward the same shape: a smaller last one would make a compiled model compile again
+                    # (for any batch size); the padding rows repeat the first and are left out of the sets
+                    ids = torch.cat([ids, ids[:1].expand(self.batch_rows - rows, -1)])
                     out = model(ids.to(pl_module.device), return_logits=False)
-                    chunks.append(torch.stack([expert_sets(r.expert_ids, r.dropped).cpu().to(torch.int16)
-                                               for r in out.routing], dim=2))
+                    chunks.append(torch.stack([
+                        expert_sets(r.expert_ids[:rows], None if r.dropped is None else r.dropped[:rows])
+                        .cpu().to(torch.int16) for r in out.routing], dim=2))
         finally:
             model.train(was_training)
         return torch.cat(chunks)
