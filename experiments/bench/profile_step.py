@@ -83,7 +83,7 @@ def profile_config(name: str, router, steps: int, rows: int) -> None:
     for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:28s} {ms:8.2f} ms  {ms / total:6.1%}")
     print(f"  top {rows} kernels (self GPU time per step):")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:  # profiler steps: batches[3:3+steps]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
         ms = e.self_device_time_total / steps / 1e3
         print(f"    {ms:8.3f} ms {e.count // steps:5d}x  {categorise(e.key)[:12]:12s} {e.key[:110]}")
 
