@@ -83,6 +83,7 @@ def check_ep_loss_and_grads(model: Transformer, ref: Transformer, ref_loss: torc
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         want = ref_params[name].grad
+        assert p.grad is not None, f"{what}: no grad of {name}"
         close(p.grad, want[lo:hi] if name in experts else want, f"{what}: grad of {name}")
 
 
@@ -96,25 +97,11 @@ def _check_router(rank: int, router: str, experts: str) -> None:
     ref_loss.backward()
 
     ep = P.apply_expert_parallel(build(router, experts))
-    lo, hi = P.local_expert_range(4, WORLD, rank)
     assert ep.layers[0].feed_forward.experts.w13.shape[0] == 2
     close(ep(ids[rows]).logits, ref_logits[rows], f"{router}: logits")
-    loss = ep(ids[rows], labels=labels[rows]).lm_loss
-    loss.backward()
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    close(mean_loss / WORLD, ref_loss.detach(), f"{router}: loss")
-
-    P.sync_expert_parallel_grads(ep)
-    ref_params = dict(ref.named_parameters())
     expert_names = set(P.expert_parameter_names(ep))
     assert expert_names and all(".experts." in n for n in expert_names)
-    for name, p in ep.named_parameters():
-        want = ref_params[name].grad
-        if name in expert_names:
-            want = want[lo:hi]
-        assert p.grad is not None, name
-        close(p.grad, want, f"{router}: grad of {name}")
+    check_ep_loss_and_grads(ep, ref, ref_loss, ids, labels, rank, WORLD, router)
 
     # one step: the EP model stays the single-process model (its gathered state dict equals ref's)
     for model in (ref, ep):
