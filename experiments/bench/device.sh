@@ -23,7 +23,9 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEST=${OUT:+$OUT/bench}  # with OUT set, straight into it (what a killed command wrote still comes back)
 DEST=${DEST:-results/bench}
-mkdir -p "$DEST"
+LOGS=${OUT:+$OUT/bench}  # a config's console output (its partial results if it is killed); results/ has its JSON
+LOGS=${LOGS:-runs/bench}
+mkdir -p "$DEST" "$LOGS"
 VARIANTS=(hf_grouped_mm_compile ours_topk ours_topk_fused_adamw ours_topk_slice_swiglu ours_topk_bf16_mixed
           ours_topk_bf16_mixed_clip ours_hash ours_span)
 
@@ -37,7 +39,7 @@ case "${1:-}" in
     variants=("$@")
     [ ${#variants[@]} -gt 0 ] || variants=("${VARIANTS[@]}")
     python3 experiments/bench/throughput.py --config "$name" --variants "${variants[@]}" --out "$DEST" 2>&1 \
-      | grep -v -i "warn" | tee "$DEST/throughput-$name.log"
+      | grep -v -i "warn" | tee "$LOGS/throughput-$name.log"
     ;;
   micro)
     shift
